@@ -1,0 +1,248 @@
+"""Divergent Token Metrics (Deiseroth et al., arXiv 2311.01544) and related statistics.
+
+Setting. A prompt p of c tokens; the reference continuation y = greedy(F, p, N) is
+N tokens of argmax decoding from the original model F; s = p ⊕ y. The compressed
+model F' is run teacher-forced on s, and the logits at position c-1+j predict y_j,
+j = 0..N-1. Callers pass only those N rows: `logits_BNV` [B, N, V] and the targets
+`targets_BN` = y [B, N] (int32). B is the prompt (batch) axis.
+
+Device-side functions (pure, `jax.jit`/`jax.vmap` compatible, float32 math even for
+bfloat16 inputs):
+
+  * `divergence_stats`: one fused pass giving per-prompt FDT, SDT, per-token NLL
+    and, when base logits are given, per-token KL(F‖F') and top-1 agreement.
+  * `fdt_sdt_from_divergent`: FDT and SDT from a divergence mask.
+  * `context_nll`: per-window NLL sum and count for context-aware perplexity.
+
+Host-side functions (numpy, on per-prompt arrays gathered over the prompt set):
+
+  * `fdt_alpha`, `perplexity`, `aggregate`.
+
+Argmax convention: `jnp.argmax` returns the *first* index of the maximum, so on an
+exact tie between y_j and a lower-indexed token the position counts as divergent
+(and as a top-1 disagreement when comparing to base logits).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dtm.errors import DtmError
+
+DEFAULT_ALPHAS: tuple[float, ...] = (0.75, 0.9)
+
+
+# ----------------------------------------------------------------------------
+# Device side (jit / vmap compatible)
+# ----------------------------------------------------------------------------
+
+def fdt_sdt_from_divergent(divergent_BN: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """First and Share of Divergent Tokens from a divergence mask.
+
+  Args:
+    divergent_BN: bool [..., N]; divergent_j = argmax L'[c-1+j] ≠ y_j.
+
+  Returns:
+    fdt: int32 [...]; FDT = min{ j : divergent_j }, or N if no position diverges
+      (range 0..N).
+    sdt: float32 [...]; SDT = (1/N) Σ_j divergent_j (range 0..1).
+  """
+  divergent_BN = jnp.asarray(divergent_BN, dtype=bool)
+  n = divergent_BN.shape[-1]
+  first = jnp.argmax(divergent_BN, axis=-1)  # first True; 0 if none
+  fdt = jnp.where(jnp.any(divergent_BN, axis=-1), first, n).astype(jnp.int32)
+  sdt = jnp.mean(divergent_BN.astype(jnp.float32), axis=-1)
+  return fdt, sdt
+
+
+def _gather_last(x_BNV: jax.Array, index_BN: jax.Array) -> jax.Array:
+  """x[..., index] along the last axis: [..., V], [...] -> [...]."""
+  return jnp.take_along_axis(x_BNV, index_BN[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def _kl_from_log_probs(logp_base_BNV: jax.Array, logp_BNV: jax.Array) -> jax.Array:
+  """KL(F‖F') = Σ_v p_F(v) (log p_F(v) − log p_F'(v)) per position, in nats.
+
+  Terms with p_F(v) = 0 contribute 0 (also when log p_F'(v) = -inf).
+  """
+  p_base = jnp.exp(logp_base_BNV)
+  term = jnp.where(p_base > 0, p_base * (logp_base_BNV - logp_BNV), 0.0)
+  return jnp.sum(term, axis=-1)
+
+
+def divergence_stats(
+    logits_BNV: jax.Array,
+    targets_BN: jax.Array,
+    base_logits_BNV: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+  """Per-prompt divergence statistics of F' against the reference continuation y.
+
+  One fused pass: the log-normaliser (logsumexp over V) is computed once per
+  position of each logit set; all math is float32 whatever the input dtype.
+
+  Args:
+    logits_BNV: [B, N, V] logits of F' teacher-forced on s = p ⊕ y; row j is
+      L'[c-1+j], the prediction of y_j. Any float dtype (e.g. bfloat16).
+    targets_BN: int [B, N]; y = greedy(F, p, N).
+    base_logits_BNV: optional [B, N, V] logits of the base model F at the same
+      positions (for the llama.cpp-style KL / top-1 statistics).
+
+  Returns a dict of per-prompt arrays:
+    fdt: int32 [B]; First Divergent Token, min{ j : argmax L'[c-1+j] ≠ y_j } or N.
+    sdt: float32 [B]; Share of Divergent Tokens, (1/N) Σ_j [argmax L'[c-1+j] ≠ y_j].
+    nll: float32 [B, N]; NLL_j = −log softmax(L'[c-1+j])[y_j], in nats.
+    and, only when base_logits_BNV is given:
+    kl: float32 [B, N]; KL(F‖F') = Σ_v p_F(v) (log p_F(v) − log p_F'(v)), nats.
+    top1_agree: bool [B, N]; argmax F' == argmax F (first max on ties).
+
+  Works unchanged with extra leading axes (e.g. under `jax.vmap` over probes).
+  """
+  logits_BNV = jnp.asarray(logits_BNV).astype(jnp.float32)
+  targets_BN = jnp.asarray(targets_BN).astype(jnp.int32)
+  lse_BN = jax.nn.logsumexp(logits_BNV, axis=-1)
+  nll_BN = lse_BN - _gather_last(logits_BNV, targets_BN)
+  pred_BN = jnp.argmax(logits_BNV, axis=-1).astype(jnp.int32)
+  fdt_B, sdt_B = fdt_sdt_from_divergent(pred_BN != targets_BN)
+  out = {"fdt": fdt_B, "sdt": sdt_B, "nll": nll_BN}
+  if base_logits_BNV is not None:
+    base_BNV = jnp.asarray(base_logits_BNV).astype(jnp.float32)
+    logp_base_BNV = base_BNV - jax.nn.logsumexp(base_BNV, axis=-1, keepdims=True)
+    logp_BNV = logits_BNV - lse_BN[..., None]
+    out["kl"] = _kl_from_log_probs(logp_base_BNV, logp_BNV)
+    out["top1_agree"] = pred_BN == jnp.argmax(base_BNV, axis=-1).astype(jnp.int32)
+  return out
+
+
+def context_nll(
+    logits_BTV: jax.Array,
+    tokens_BT: jax.Array,
+    ctx: int | jax.Array = 1,
+    mask_BT: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Per-window NLL sum and count for context-aware perplexity.
+
+  Context-aware PPL of windows t (length T) with context ctx is
+  exp(mean over i ≥ ctx of −log p(t_i | t_<i)); ctx = 1 is ordinary perplexity
+  (every token but the first, which has no prediction). Logits row i-1 predicts
+  token i, so row T-1 is unused. Aggregate with `perplexity(sum, count)`.
+
+  Args:
+    logits_BTV: [B, T, V] logits, any float dtype (math in float32).
+    tokens_BT: int [B, T] window tokens.
+    ctx: int scalar or int [B] (per-window, for sliding windows whose first
+      `ctx` tokens were already scored by the previous window). Values < 1
+      behave like 1.
+    mask_BT: optional bool [B, T]; tokens with False (e.g. padding) are not
+      scored.
+
+  Returns:
+    nll_sum: float32 [B]; Σ_{i ≥ ctx, mask_i} −log softmax(logits[i-1])[t_i], nats.
+    count: int32 [B]; number of scored tokens.
+  """
+  logits_BSV = jnp.asarray(logits_BTV)[:, :-1].astype(jnp.float32)
+  tokens_BT = jnp.asarray(tokens_BT).astype(jnp.int32)
+  targets_BS = tokens_BT[:, 1:]
+  nll_BS = jax.nn.logsumexp(logits_BSV, axis=-1) - _gather_last(logits_BSV, targets_BS)
+  b, t = tokens_BT.shape
+  ctx_B1 = jnp.broadcast_to(jnp.asarray(ctx, dtype=jnp.int32), (b,))[:, None]
+  position_S = jnp.arange(1, t, dtype=jnp.int32)
+  keep_BS = position_S[None, :] >= ctx_B1
+  if mask_BT is not None:
+    keep_BS = keep_BS & jnp.asarray(mask_BT, dtype=bool)[:, 1:]
+  nll_sum_B = jnp.sum(jnp.where(keep_BS, nll_BS, 0.0), axis=-1)
+  count_B = jnp.sum(keep_BS, axis=-1, dtype=jnp.int32)
+  return nll_sum_B, count_B
+
+
+# ----------------------------------------------------------------------------
+# Host side (numpy, over the gathered prompt set)
+# ----------------------------------------------------------------------------
+
+def fdt_alpha(fdt: np.ndarray, alpha: float) -> int:
+  """FDT_α: the largest integer t such that a fraction ≥ α of prompts have FDT ≥ t.
+
+  "The number of tokens that α of the prompts reproduce exactly." With P prompts
+  and k = min{ k : k / P ≥ α } (exact fraction comparison), FDT_α is the k-th
+  largest FDT; it is therefore always one of the observed values (so in 0..N),
+  α = 1 gives min FDT, and small α gives max FDT.
+
+  Args:
+    fdt: int [P] per-prompt FDT values, P ≥ 1.
+    alpha: fraction in (0, 1].
+  """
+  fdt = np.asarray(fdt).reshape(-1)
+  if not 0.0 < alpha <= 1.0:
+    raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+  if fdt.size == 0:
+    raise ValueError("fdt_alpha needs at least one prompt")
+  p = fdt.size
+  fractions = np.arange(1, p + 1) / p  # fraction of prompts covered by the top k
+  k = int(np.searchsorted(fractions, alpha, side="left")) + 1
+  return int(np.sort(fdt)[::-1][k - 1])
+
+
+def perplexity(nll_sum: np.ndarray | float, count: np.ndarray | int) -> float:
+  """exp(Σ nll_sum / Σ count): perplexity from summed NLL (nats) and token counts.
+
+  Used for DPPL (sum of NLL_j over all prompts and positions / (P·N)) and for
+  context-aware PPL (sums and counts from `context_nll` over all windows).
+  """
+  total_count = float(np.sum(np.asarray(count, dtype=np.float64)))
+  if total_count <= 0:
+    raise ValueError("perplexity needs at least one scored token")
+  total_nll = float(np.sum(np.asarray(nll_sum, dtype=np.float64)))
+  return float(np.exp(total_nll / total_count))
+
+
+def _check_finite(name: str, x: np.ndarray) -> None:
+  if not np.all(np.isfinite(x)):
+    raise DtmError(f"non-finite values in per-prompt {name!r} "
+                   f"({int(np.sum(~np.isfinite(x)))} of {x.size}); "
+                   "the model produced NaN/inf logits")
+
+
+def aggregate(
+    per_prompt: Mapping[str, np.ndarray],
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+) -> dict[str, float]:
+  """Aggregate per-prompt arrays (from `divergence_stats`, concatenated over batches).
+
+  Args:
+    per_prompt: numpy arrays 'fdt' [P], 'sdt' [P], 'nll' [P, N], and optionally
+      'kl' [P, N] and 'top1_agree' [P, N].
+    alphas: the α values for FDT_α.
+
+  Returns a flat dict of Python floats:
+    fdt_mean, fdt_median, fdt_alpha_<α> (α formatted with %g, e.g. fdt_alpha_0.75),
+    sdt_mean, nll_mean (mean NLL_j in nats over all P·N tokens),
+    dppl = exp(nll_mean),
+    and, when present: kl_mean, kl_median, kl_p99 (over all P·N positions; numpy
+    linear-interpolation percentiles), top1_agree (fraction of positions).
+
+  Raises DtmError on non-finite NLL or KL (NaN must not pass silently).
+  """
+  fdt = np.asarray(per_prompt["fdt"]).reshape(-1)
+  sdt = np.asarray(per_prompt["sdt"], dtype=np.float64).reshape(-1)
+  nll = np.asarray(per_prompt["nll"], dtype=np.float64)
+  _check_finite("nll", nll)
+  out = {
+      "fdt_mean": float(np.mean(fdt)),
+      "fdt_median": float(np.median(fdt)),
+  }
+  for alpha in alphas:
+    out[f"fdt_alpha_{alpha:g}"] = float(fdt_alpha(fdt, alpha))
+  out["sdt_mean"] = float(np.mean(sdt))
+  out["nll_mean"] = float(np.mean(nll))
+  out["dppl"] = perplexity(np.sum(nll), nll.size)
+  if "kl" in per_prompt:
+    kl = np.asarray(per_prompt["kl"], dtype=np.float64).reshape(-1)
+    _check_finite("kl", kl)
+    out["kl_mean"] = float(np.mean(kl))
+    out["kl_median"] = float(np.median(kl))
+    out["kl_p99"] = float(np.percentile(kl, 99))
+  if "top1_agree" in per_prompt:
+    out["top1_agree"] = float(np.mean(np.asarray(per_prompt["top1_agree"], dtype=np.float64)))
+  return out

@@ -1,0 +1,244 @@
+"""Flax Llama (LlamaForCausalLM family): RMSNorm, RoPE (+llama3 scaling), GQA, SwiGLU.
+
+Decoder layers are stacked with `nn.scan`, so every per-layer parameter carries a
+leading layer axis L (e.g. q kernel [L, D, Hq*Dh]) and compile time does not grow
+with depth. Kernels are stored [in, out] (the transpose of HF's [out, in]); see
+`dtm.components` for the naming table.
+
+Shapes in names: B batch, T query positions, S key positions (cache length),
+D hidden, Hq / Hkv query / key-value heads, G = Hq // Hkv, K head dim, F MLP
+width, V vocab, L layers.
+
+Rotary embeddings use HF's "rotate half" layout (first and second halves of each
+head form the complex pairs), so HF safetensors load without any permutation;
+GGUF's interleaved Q/K layout is undone at load time (`dtm.gguf_io`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dtm.model_config import ModelConfig
+
+Array = jax.Array
+
+
+class KVCache(NamedTuple):
+  """Per-layer key/value cache, stacked over layers: k, v [L, B, S, Hkv, K]."""
+  k: Array
+  v: Array
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> "KVCache":
+    shape = (cfg.num_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    dt = jnp.dtype(cfg.dtype)
+    return cls(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+  """Inverse frequencies [K/2] (float32), with Llama-3 style scaling if configured."""
+  k = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
+  if not cfg.rope_scaling:
+    return inv_freq
+  rs = dict(cfg.rope_scaling)
+  factor = float(rs["factor"])
+  low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+  old_len = float(rs["original_max_position_embeddings"])
+  low_wavelen, high_wavelen = old_len / low, old_len / high
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_BTHK: Array, positions_T: Array, inv_freq: Array) -> Array:
+  """Rotate x by its absolute positions (HF rotate-half convention), in float32."""
+  freqs_TK2 = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
+  cos = jnp.cos(freqs_TK2)[None, :, None, :]
+  sin = jnp.sin(freqs_TK2)[None, :, None, :]
+  x = x_BTHK.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTHK.dtype)
+
+
+class RMSNorm(nn.Module):
+  """y = x / sqrt(mean(x^2) + eps) * scale, normalised in float32 (as HF does)."""
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+class Linear(nn.Module):
+  """Bias-free linear map with kernel [in, out]."""
+  features: int
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", nn.initializers.normal(0.02),
+                        (x.shape[-1], self.features), self.param_dtype)
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Attention(nn.Module):
+  """Grouped-query causal self-attention with an optional KV cache.
+
+  Query head h uses key/value head h // G (HF `repeat_kv` order).
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, positions_T: Array, cache: tuple[Array, Array] | None,
+               cache_index: Array | None):
+    cfg = self.cfg
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    hq, hkv, kd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    b, t, _ = x_BTD.shape
+    q = Linear(hq * kd, dt, pdt, name="q")(x_BTD).reshape(b, t, hq, kd)
+    k = Linear(hkv * kd, dt, pdt, name="k")(x_BTD).reshape(b, t, hkv, kd)
+    v = Linear(hkv * kd, dt, pdt, name="v")(x_BTD).reshape(b, t, hkv, kd)
+    inv_freq = rope_inv_freq(cfg)
+    q = apply_rope(q, positions_T, inv_freq)
+    k = apply_rope(k, positions_T, inv_freq)
+    if cache is not None:
+      k_cache, v_cache = cache
+      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, 1)
+      new_cache = (k, v)
+    else:
+      new_cache = None
+    s = k.shape[1]
+    q_BTkGK = q.reshape(b, t, hkv, hq // hkv, kd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_BTkGK, k.astype(dt),
+                        preferred_element_type=jnp.float32) / math.sqrt(kd)
+    mask_TS = jnp.arange(s)[None, :] <= positions_T[:, None]
+    scores = jnp.where(mask_TS, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(b, t, hq * kd)
+    return Linear(cfg.hidden_size, dt, pdt, name="o")(out), new_cache
+
+
+class MLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    cfg = self.cfg
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    gate = Linear(cfg.intermediate_size, dt, pdt, name="gate")(x_BTD)
+    up = Linear(cfg.intermediate_size, dt, pdt, name="up")(x_BTD)
+    return Linear(cfg.hidden_size, dt, pdt, name="down")(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm decoder layer. Called by nn.scan as (carry, per-layer input, broadcast)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BTD: Array, cache: tuple[Array, Array] | None, aux: tuple[Array, Any]):
+    cfg = self.cfg
+    positions_T, cache_index = aux
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_norm")(h_BTD)
+    attn_out, new_cache = Attention(cfg, name="attn")(x, positions_T, cache, cache_index)
+    h_BTD = h_BTD + attn_out
+    x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="mlp_norm")(h_BTD)
+    h_BTD = h_BTD + MLP(cfg, name="mlp")(x)
+    return h_BTD, new_cache
+
+
+def _positions(t: int, cache_index) -> Array:
+  start = 0 if cache_index is None else cache_index
+  return start + jnp.arange(t, dtype=jnp.int32)
+
+
+class Llama(nn.Module):
+  """LlamaForCausalLM.
+
+  `__call__(tokens [B, T]) -> logits [B, T, V]` (float32). For the pieces:
+  `hidden(tokens, cache, cache_index) -> (h [B, T, D], cache)` before the final
+  norm, and `logits(h) -> [B, T', V]` (final norm + LM head) so callers can apply
+  the head only at the positions they need.
+  """
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt,
+                          embedding_init=nn.initializers.normal(0.02))
+    layer = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
+    self.layers = nn.scan(
+        layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(0, nn.broadcast), out_axes=0, length=cfg.num_layers)(cfg)
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, dt, pdt)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = Linear(cfg.vocab_size, dt, pdt)
+
+  def hidden(self, tokens_BT: Array, cache: KVCache | None = None, cache_index=None):
+    """Residual stream after the last layer (before the final norm): [B, T, D].
+
+    With a cache (k, v [L, B, S, Hkv, K]) the T new tokens sit at positions
+    cache_index..cache_index+T-1 and attend to every cached position before them.
+    """
+    h = self.embed(tokens_BT)
+    positions = _positions(tokens_BT.shape[1], cache_index)
+    per_layer = None if cache is None else (cache.k, cache.v)
+    h, new = self.layers(h, per_layer, (positions, cache_index))
+    return h, (None if cache is None else KVCache(*new))
+
+  def logits(self, h_BTD: Array) -> Array:
+    """Final norm + LM head, float32 logits [B, T, V]."""
+    x = self.final_norm(h_BTD)
+    if self.cfg.tie_word_embeddings:
+      out = self.embed.attend(x)
+    else:
+      out = self.lm_head(x)
+    return out.astype(jnp.float32)
+
+  def __call__(self, tokens_BT: Array, cache: KVCache | None = None, cache_index=None):
+    h, cache = self.hidden(tokens_BT, cache, cache_index)
+    logits = self.logits(h)
+    return logits if cache is None else (logits, cache)
+
+
+def init_params(cfg: ModelConfig, seed: int = 0):
+  """Random params (tests, benchmarks): normal(0.02) kernels, unit norms."""
+  model = Llama(cfg)
+  tokens = jnp.zeros((1, 2), jnp.int32)
+  return jax.jit(model.init)(jax.random.PRNGKey(seed), tokens)["params"]
+
+
+def abstract_params(cfg: ModelConfig):
+  """ShapeDtypeStruct tree of the params (no memory allocated)."""
+  model = Llama(cfg)
+  tokens = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"]
+
+
+def layer_params(params, layer: int):
+  """Params of one decoder layer (the layer axis indexed away)."""
+  return jax.tree.map(lambda x: x[layer], params["layers"])
+
+
+def apply_layer(cfg: ModelConfig, params_layer, h_BTD: Array, positions_T: Array) -> Array:
+  """One decoder layer without cache: h [B, T, D] -> [B, T, D]."""
+  out, _ = DecoderLayer(cfg).apply({"params": params_layer}, h_BTD, None, (positions_T, None))
+  return out
