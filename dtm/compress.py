@@ -1,0 +1,574 @@
+"""Weight compression of Llama components: a spec grammar and the methods it names.
+
+Spec grammar (one string, usable as an ml_collections field or on the command line)::
+
+  spec    := 'none' | '' | rule (';' rule)* [';']      (newlines also separate rules)
+  rule    := KINDS '@' LAYERS ':' METHOD
+  KINDS   := '*' | kind (',' kind)*          kind in KINDS, or 'attn' (q,k,v,o) / 'mlp' (gate,up,down)
+  LAYERS  := '*' | item (',' item)*          item := int | int '-' int   (range inclusive)
+  METHOD  := name | name '(' [arg (',' arg)*] ')'   arg := value | key '=' value
+             (positional args first, in the order of the method's signature)
+
+  methods:  identity
+            magnitude(rate)                  unstructured, 0 <= rate < 1
+            nm(n, m)                         N:M along the input dim, 0 <= n <= m
+            absmax(bits, granularity=channel, group_size)
+                                             2 <= bits <= 8; granularity tensor|channel|group;
+                                             group_size only (and required) for 'group'
+
+  e.g. "down@*:magnitude(0.5); q@3:absmax(bits=8,granularity=channel); gate,up@0-3,7:nm(2,4)"
+
+Rules apply in order and a later rule overrides an earlier one for the same component
+(so "*@*:magnitude(0.5); q@0:identity" prunes everything except L00.q). `identity`
+components are dropped by `Spec.resolve`: naming a component with identity is the same
+as not naming it. `Spec.to_string()` is canonical (kinds in KINDS order, layers sorted
+and merged into ranges, every method argument written as key=value) and round-trips
+through `parse_spec`. Model-independent errors (syntax, unknown method or kind, bad
+argument values) are raised by `parse_spec` / the dataclasses; model-dependent ones
+(layer count, kinds the model lacks, divisibility of the input dim) by `validate`.
+All errors are `DtmError`.
+
+Layout convention: every per-matrix function takes and returns an HF-layout weight
+`w_OI` of shape [out, in] (the transpose of a Flax kernel [in, out]); all orders and
+groups are defined on that layout in row-major order: N:M groups and AbsMax groups are
+runs of consecutive *input* columns of one output row, and magnitude ties are broken
+by the lower flat index `o * in + i`. `apply_spec` does the Flax <-> HF transposes.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import re
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from dtm.components import KINDS, Component, all_components, get_path, kernel_path
+from dtm.errors import DtmError
+
+GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group")
+
+# Aliases usable in the KINDS part of a rule, derived from the Flax sub-module of each kind.
+KIND_GROUPS: dict[str, tuple[str, ...]] = {
+    module: tuple(k for k in KINDS if kernel_path(k)[1] == module) for module in ("attn", "mlp")}
+
+
+# ----------------------------------------------------------------------------- methods: args
+
+
+@dataclasses.dataclass(frozen=True)
+class _Param:
+  name: str
+  convert: Callable[[Any], Any]
+  required: bool = True
+  default: Any = None
+
+
+def _to_int(value: Any) -> int:
+  if isinstance(value, bool):
+    raise ValueError(value)
+  if isinstance(value, int):
+    return value
+  if isinstance(value, float) and value.is_integer():
+    return int(value)
+  if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+    return int(value)
+  raise ValueError(value)
+
+
+def _to_float(value: Any) -> float:
+  if isinstance(value, bool):
+    raise ValueError(value)
+  return float(value)
+
+
+def _to_str(value: Any) -> str:
+  if not isinstance(value, str):
+    raise ValueError(value)
+  return value.strip().strip("'\"")
+
+
+# method name -> its parameters, in positional order
+_SIGNATURES: dict[str, tuple[_Param, ...]] = {
+    "identity": (),
+    "magnitude": (_Param("rate", _to_float),),
+    "nm": (_Param("n", _to_int), _Param("m", _to_int)),
+    "absmax": (_Param("bits", _to_int), _Param("granularity", _to_str, False, "channel"),
+               _Param("group_size", _to_int, False, None)),
+}
+METHOD_NAMES: tuple[str, ...] = tuple(_SIGNATURES)
+
+
+def _signature_text(name: str) -> str:
+  return f"{name}({', '.join(p.name for p in _SIGNATURES[name])})"
+
+
+def _check_values(name: str, a: dict[str, Any]) -> None:
+  """Model-independent range checks of normalized method args; raises DtmError."""
+  if name == "magnitude" and not 0.0 <= a["rate"] < 1.0:
+    raise DtmError(f"magnitude sparsity rate must be in [0, 1), got {a['rate']}")
+  if name == "nm":
+    n, m = a["n"], a["m"]
+    if m < 1 or n < 0:
+      raise DtmError(f"nm(n={n}, m={m}): need m >= 1 and n >= 0")
+    if n > m:
+      raise DtmError(f"nm(n={n}, m={m}): N:M pruning keeps n of every m weights, so n must be <= m")
+  if name == "absmax":
+    if not 2 <= a["bits"] <= 8:
+      raise DtmError(f"absmax bits must be in 2..8, got {a['bits']}")
+    gran, g = a["granularity"], a["group_size"]
+    if gran not in GRANULARITIES:
+      raise DtmError(f"absmax granularity must be one of {', '.join(GRANULARITIES)}, got {gran!r}")
+    if gran == "group" and g is None:
+      raise DtmError("absmax granularity=group needs group_size, e.g. "
+                     "absmax(bits=4,granularity=group,group_size=128)")
+    if gran != "group" and g is not None:
+      raise DtmError(f"absmax group_size only applies to granularity=group (got granularity={gran}); "
+                     f"write absmax(bits={a['bits']},granularity=group,group_size={g})")
+    if g is not None and g < 1:
+      raise DtmError(f"absmax group_size must be >= 1, got {g}")
+
+
+def _normalize_args(name: str, args: Any) -> tuple[tuple[str, Any], ...]:
+  """Typed, defaulted, range-checked args as ((key, value), ...) in signature order."""
+  if name not in _SIGNATURES:
+    raise DtmError(f"unknown compression method {name!r}; expected one of {', '.join(METHOD_NAMES)}")
+  given = dict(args or ())
+  params = _SIGNATURES[name]
+  unknown = sorted(set(given) - {p.name for p in params})
+  if unknown:
+    raise DtmError(f"{name}: unknown argument {unknown[0]!r}; signature is {_signature_text(name)}")
+  out: dict[str, Any] = {}
+  for p in params:
+    if p.name not in given:
+      if p.required:
+        raise DtmError(f"{name}: missing argument {p.name!r}; signature is {_signature_text(name)}")
+      out[p.name] = p.default
+      continue
+    try:
+      out[p.name] = p.convert(given[p.name])
+    except (TypeError, ValueError):
+      raise DtmError(f"{name}: bad value {given[p.name]!r} for argument {p.name!r}") from None
+  _check_values(name, out)
+  return tuple((k, v) for k, v in out.items() if v is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A compression method and its arguments, e.g. Method('nm', {'n': 2, 'm': 4}).
+
+  `args` may be given as a mapping or (key, value) pairs; it is stored normalized (typed,
+  defaults filled, None dropped, signature order) as a tuple of pairs, so Methods are
+  hashable (static jit args) and equal iff they mean the same thing.
+  """
+  name: str
+  args: tuple[tuple[str, Any], ...] = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "args", _normalize_args(self.name, self.args))
+
+  @property
+  def kwargs(self) -> dict[str, Any]:
+    return dict(self.args)
+
+  @property
+  def is_identity(self) -> bool:
+    return self.name == "identity"
+
+  def to_string(self) -> str:
+    if not self.args:
+      return self.name
+    return f"{self.name}({','.join(f'{k}={_format_value(v)}' for k, v in self.args)})"
+
+
+def _format_value(v: Any) -> str:
+  return repr(v) if isinstance(v, float) else str(v)
+
+
+IDENTITY = Method("identity")
+
+# --------------------------------------------------------------------------------- grammar
+
+_METHOD_RE = re.compile(r"([A-Za-z_]\w*)\s*(?:\((.*)\))?", re.S)
+_RULE_RE = re.compile(r"([^@:]*)@([^@:]*):(.*)", re.S)
+
+
+def parse_method(text: str) -> Method:
+  """'absmax(8, granularity=group, group_size=64)' -> Method; raises DtmError."""
+  m = _METHOD_RE.fullmatch(text.strip())
+  if not m:
+    raise DtmError(f"bad compression method {text.strip()!r}; expected NAME or NAME(ARGS), "
+                   f"e.g. magnitude(0.5)")
+  name, arg_text = m.group(1), m.group(2)
+  if name not in _SIGNATURES:
+    raise DtmError(f"unknown compression method {name!r}; expected one of {', '.join(METHOD_NAMES)}")
+  params = _SIGNATURES[name]
+  args: dict[str, str] = {}
+  items = [s.strip() for s in arg_text.split(",")] if arg_text and arg_text.strip() else []
+  seen_keyword = False
+  for pos, item in enumerate(items):
+    if "=" in item:
+      key, value = (s.strip() for s in item.split("=", 1))
+      seen_keyword = True
+    else:
+      if seen_keyword:
+        raise DtmError(f"{text.strip()!r}: positional argument {item!r} after a keyword argument")
+      if pos >= len(params):
+        raise DtmError(f"{text.strip()!r}: too many arguments; signature is {_signature_text(name)}")
+      key, value = params[pos].name, item
+    if not value:
+      raise DtmError(f"{text.strip()!r}: empty argument {item!r}")
+    if key in args:
+      raise DtmError(f"{text.strip()!r}: argument {key!r} given twice")
+    args[key] = value
+  return Method(name, args)
+
+
+def _parse_kinds(text: str) -> tuple[str, ...]:
+  text = text.strip()
+  if text == "*":
+    return KINDS
+  kinds: list[str] = []
+  for item in (s.strip() for s in text.split(",")):
+    if item in KIND_GROUPS:
+      kinds.extend(KIND_GROUPS[item])
+    else:
+      kinds.append(item)
+  return tuple(kinds)
+
+
+def _parse_layers(text: str) -> tuple[int, ...] | None:
+  text = text.strip()
+  if text == "*":
+    return None
+  layers: list[int] = []
+  for item in (s.strip() for s in text.split(",")):
+    m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", item)
+    if not m:
+      raise DtmError(f"bad layer selector {item!r} in {text!r}; expected '*', N, A-B or a comma list")
+    lo = int(m.group(1))
+    hi = int(m.group(2)) if m.group(2) is not None else lo
+    if hi < lo:
+      raise DtmError(f"bad layer range {item!r}: start {lo} > end {hi}")
+    layers.extend(range(lo, hi + 1))
+  return tuple(layers)
+
+
+def _format_layers(layers: tuple[int, ...] | None) -> str:
+  """(0, 1, 2, 3, 7) -> '0-3,7'; None -> '*'."""
+  if layers is None:
+    return "*"
+  runs: list[list[int]] = []
+  for l in layers:
+    if runs and l == runs[-1][1] + 1:
+      runs[-1][1] = l
+    else:
+      runs.append([l, l])
+  return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """`kinds` (tuple, KINDS order) at `layers` (sorted tuple, or None = every layer) get `method`.
+
+  The constructor also accepts lists and grammar strings ('gate,up', '0-3,7', '*',
+  'nm(2,4)') and normalizes them.
+  """
+  kinds: tuple[str, ...]
+  layers: tuple[int, ...] | None
+  method: Method
+
+  def __post_init__(self):
+    kinds = _parse_kinds(self.kinds) if isinstance(self.kinds, str) else tuple(self.kinds)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+      raise DtmError(f"unknown component kind {unknown[0] if unknown else ''!r}; expected '*' or a "
+                     f"comma list of {', '.join(KINDS)} (or {', '.join(KIND_GROUPS)})")
+    object.__setattr__(self, "kinds", tuple(k for k in KINDS if k in kinds))
+    layers = _parse_layers(self.layers) if isinstance(self.layers, str) else self.layers
+    if layers is not None:
+      layers = tuple(sorted(set(int(l) for l in layers)))
+      if not layers or layers[0] < 0:
+        raise DtmError(f"bad layer list {self.layers!r}: layers are integers >= 0")
+    object.__setattr__(self, "layers", layers)
+    if isinstance(self.method, str):
+      object.__setattr__(self, "method", parse_method(self.method))
+
+  def to_string(self) -> str:
+    kinds = "*" if self.kinds == KINDS else ",".join(self.kinds)
+    return f"{kinds}@{_format_layers(self.layers)}:{self.method.to_string()}"
+
+  def components(self, num_layers: int) -> list[Component]:
+    """Selected components (layer-major); raises DtmError for layers >= num_layers."""
+    _check_layers(self, num_layers)
+    layers = range(num_layers) if self.layers is None else self.layers
+    return [Component(l, k) for l in layers for k in self.kinds]
+
+
+def _check_layers(rule: Rule, num_layers: int) -> None:
+  if rule.layers is not None and rule.layers[-1] >= num_layers:
+    raise DtmError(f"compression rule '{rule.to_string()}' names layer {rule.layers[-1]}, but the "
+                   f"model has {num_layers} layers (0-{num_layers - 1})")
+
+
+def parse_rule(text: str) -> Rule:
+  """'gate,up@0-3,7:nm(2,4)' -> Rule; raises DtmError."""
+  m = _RULE_RE.fullmatch(text.strip())
+  if not m:
+    raise DtmError(f"bad compression rule {text.strip()!r}; expected KINDS@LAYERS:METHOD, "
+                   f"e.g. 'down@*:magnitude(0.5)'")
+  return Rule(_parse_kinds(m.group(1)), _parse_layers(m.group(2)), parse_method(m.group(3)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """An ordered list of rules; later rules override earlier ones per component."""
+  rules: tuple[Rule, ...] = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "rules", tuple(self.rules))
+
+  def to_string(self) -> str:
+    """Canonical text; 'none' for the identity spec. parse_spec(s.to_string()) == s."""
+    return "; ".join(r.to_string() for r in self.rules) if self.rules else "none"
+
+  def resolve(self, num_layers: int) -> dict[Component, Method]:
+    """Component -> its final (last matching) method, identity dropped, ordered by
+    layer then KINDS; raises DtmError for layers >= num_layers."""
+    chosen: dict[Component, Method] = {}
+    for rule in self.rules:
+      for comp in rule.components(num_layers):
+        chosen[comp] = rule.method
+    return {c: chosen[c] for c in all_components(num_layers)
+            if c in chosen and not chosen[c].is_identity}
+
+
+def parse_spec(text: str | Spec | None) -> Spec:
+  """Parse the spec grammar (module docstring); '' / 'none' / None -> Spec(()). A Spec
+  passes through unchanged."""
+  if isinstance(text, Spec):
+    return text
+  if text is None or text.strip().lower() in ("", "none"):
+    return Spec(())
+  parts = (p.strip() for p in re.split(r"[;\n]", text))
+  return Spec(tuple(parse_rule(p) for p in parts if p))
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def kernel_shapes(params) -> tuple[int, dict[str, tuple[int, int]]]:
+  """(num_layers, {kind: (out, in)}) from a params tree (arrays or ShapeDtypeStructs)
+  whose stacked kernels are [L, in, out]; kinds absent from the tree are left out."""
+  num_layers, shapes = None, {}
+  for kind in KINDS:
+    try:
+      shape = tuple(get_path(params, kernel_path(kind)).shape)
+    except (KeyError, TypeError):
+      continue
+    if len(shape) != 3 or (num_layers is not None and shape[0] != num_layers):
+      raise DtmError(f"kernel {'/'.join(kernel_path(kind))} has shape {shape}; expected "
+                     f"[L, in, out] with the same L for every kind")
+    num_layers = shape[0]
+    shapes[kind] = (shape[2], shape[1])
+  if num_layers is None:
+    raise DtmError("params hold no compressible kernels under "
+                   f"{'/'.join(kernel_path(KINDS[0])[:2])}/... ; is this a dtm Llama params tree?")
+  return num_layers, shapes
+
+
+def _check_shape(comp: Component, method: Method, out_in: tuple[int, int]) -> None:
+  out_dim, in_dim = out_in
+  a = method.kwargs
+  if method.name == "absmax" and a["granularity"] == "group" and in_dim % a["group_size"]:
+    raise DtmError(f"absmax group_size {a['group_size']} does not divide the input dimension of "
+                   f"{comp.name} (HF weight [out={out_dim}, in={in_dim}])")
+  if method.name == "nm" and in_dim % a["m"]:
+    raise DtmError(f"nm(n={a['n']}, m={a['m']}): m={a['m']} does not divide the input dimension of "
+                   f"{comp.name} (HF weight [out={out_dim}, in={in_dim}])")
+
+
+def validate(spec: str | Spec, num_layers: int, shapes: Mapping[str, tuple[int, int]]) -> Spec:
+  """Check `spec` against a model with `num_layers` layers and HF weight shapes
+  `shapes[kind] = (out, in)`; returns the parsed Spec or raises DtmError naming the
+  offending rule/component and the model's dimensions."""
+  spec = parse_spec(spec)
+  for rule in spec.rules:
+    _check_layers(rule, num_layers)
+    missing = [k for k in rule.kinds if k not in shapes]
+    if missing:
+      raise DtmError(f"compression rule '{rule.to_string()}' names kind {missing[0]!r}, which this "
+                     f"model does not have (it has: {', '.join(shapes)})")
+  for comp, method in spec.resolve(num_layers).items():
+    _check_shape(comp, method, tuple(shapes[comp.kind]))
+  return spec
+
+
+# --------------------------------------------------------------------- per-matrix functions
+# All take an HF-layout weight w_OI [out, in] and return (w'_OI same shape/dtype, stats),
+# stats = {'sparsity': f32 [] fraction of exactly-zero entries of w', 'bits': i32 [] bits per
+# stored weight: b for absmax, the dtype's width otherwise}.
+
+
+def _stats(w_OI: jax.Array, bits: int) -> dict[str, jax.Array]:
+  return {"sparsity": jnp.mean(w_OI == 0, dtype=jnp.float32), "bits": jnp.asarray(bits, jnp.int32)}
+
+
+def _dtype_bits(dtype) -> int:
+  return jnp.finfo(dtype).bits
+
+
+def num_pruned(rate: float, numel: int) -> int:
+  """k = floor(rate * numel), the number of weights magnitude pruning zeroes. A 1e-12
+  relative tolerance absorbs binary rounding of decimal rates (0.29 * 100 -> 29, not 28)."""
+  return math.floor(rate * numel * (1 + 1e-12))
+
+
+def prune_rank(w_OI: jax.Array) -> jax.Array:
+  """int32 [out, in]: rank of each weight in ascending (|w|, flat HF index o*in+i) order.
+
+  rank 0 is pruned first: magnitude pruning at k keeps exactly `rank >= k`, so a probe
+  at any rate r can build its mask from one rank array without re-sorting. Pre-existing
+  zeros have the smallest |w| and therefore the lowest ranks.
+  """
+  order = jnp.argsort(jnp.abs(w_OI).reshape(-1), stable=True)
+  rank = jnp.zeros(order.shape, jnp.int32).at[order].set(jnp.arange(order.size, dtype=jnp.int32))
+  return rank.reshape(w_OI.shape)
+
+
+def prune_rank_kernel(kernel_IO: jax.Array) -> jax.Array:
+  """prune_rank of a Flax kernel [in, out] (ranks in HF order), returned as [in, out]."""
+  return prune_rank(kernel_IO.T).T
+
+
+def prune_lowest(w_OI: jax.Array, k) -> jax.Array:
+  """Zero the k weights of lowest prune_rank; k may be traced."""
+  return jnp.where(prune_rank(w_OI) >= k, w_OI, jnp.zeros_like(w_OI))
+
+
+@functools.partial(jax.jit, static_argnames=("rate",))
+def magnitude(w_OI: jax.Array, rate: float):
+  """Unstructured magnitude pruning: zero exactly k = num_pruned(rate, numel) weights,
+  the smallest |w|, ties -> lower HF flat index pruned first. Pre-existing zeros count
+  among the k (they are pruned first), so achieved sparsity = max(k, #zeros) / numel."""
+  w = prune_lowest(w_OI, num_pruned(rate, w_OI.size))
+  return w, _stats(w, _dtype_bits(w.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m"))
+def nm(w_OI: jax.Array, n: int, m: int):
+  """N:M pruning: in each group of m consecutive input weights of every output row keep
+  the n largest |w|, zero the other m - n (ties -> lower index pruned first). in % m == 0."""
+  out_dim, in_dim = w_OI.shape
+  w_OGm = w_OI.reshape(out_dim, in_dim // m, m)
+  order = jnp.argsort(jnp.abs(w_OGm), axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1)
+  w = jnp.where(rank >= m - n, w_OGm, jnp.zeros_like(w_OGm)).reshape(out_dim, in_dim)
+  return w, _stats(w, _dtype_bits(w.dtype))
+
+
+def _group_width(in_dim: int, granularity: str, group_size: int | None) -> int:
+  return group_size if granularity == "group" else in_dim
+
+
+def absmax_scale(w_OI: jax.Array, bits: int, granularity: str = "channel",
+                 group_size: int | None = None) -> jax.Array:
+  """f32 AbsMax scale = max|w| / (2^(bits-1) - 1) over each quantization group.
+
+  Shape broadcasts against w reshaped to [out, in // g, g] (g = in unless 'group'):
+  tensor [1, 1, 1], channel [out, 1, 1], group [out, in // group_size, 1].
+  """
+  out_dim, in_dim = w_OI.shape
+  g = _group_width(in_dim, granularity, group_size)
+  absw_OGg = jnp.abs(w_OI.astype(jnp.float32)).reshape(out_dim, in_dim // g, g)
+  axes = (0, 1, 2) if granularity == "tensor" else (2,)
+  return jnp.max(absw_OGg, axis=axes, keepdims=True) / (2 ** (bits - 1) - 1)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "granularity", "group_size"))
+def absmax(w_OI: jax.Array, bits: int, granularity: str = "channel", group_size: int | None = None):
+  """Symmetric weight-only AbsMax fake quantization to `bits` bits:
+  q = clip(round_half_even(w / scale), ±(2^(bits-1) - 1)), w' = q * scale (computed in f32,
+  cast back to w's dtype); an all-zero group (scale 0) stays zero."""
+  out_dim, in_dim = w_OI.shape
+  g = _group_width(in_dim, granularity, group_size)
+  qmax = 2 ** (bits - 1) - 1
+  scale = absmax_scale(w_OI, bits, granularity, group_size)
+  w_OGg = w_OI.astype(jnp.float32).reshape(out_dim, in_dim // g, g)
+  q = jnp.clip(jnp.round(w_OGg / jnp.where(scale == 0, 1.0, scale)), -qmax, qmax)
+  w = (q * scale).reshape(out_dim, in_dim).astype(w_OI.dtype)
+  return w, _stats(w, bits)
+
+
+@jax.jit
+def identity(w_OI: jax.Array):
+  return w_OI, _stats(w_OI, _dtype_bits(w_OI.dtype))
+
+
+def compress(w_OI: jax.Array, method: Method):
+  """Apply `method` to one HF-layout weight [out, in] -> (w', stats). Traceable."""
+  fn = {"identity": identity, "magnitude": magnitude, "nm": nm, "absmax": absmax}[method.name]
+  return fn(w_OI, **method.kwargs)
+
+
+# ------------------------------------------------------------------------------ params tree
+
+
+@functools.partial(jax.jit, static_argnames=("method", "batch_size"))
+def _compress_layers(kernel_LIO: jax.Array, layers_N: jax.Array, method: Method,
+                     batch_size: int | None):
+  """Compress kernel_LIO[layers_N] (each transposed to HF [out, in]) with one method;
+  vmapped over the N layers, or lax.map in chunks of batch_size to bound memory."""
+  w_NOI = jnp.swapaxes(kernel_LIO[layers_N], -1, -2)
+  fn = functools.partial(compress, method=method)
+  if batch_size is None:
+    new_NOI, stats = jax.vmap(fn)(w_NOI)
+  else:
+    new_NOI, stats = jax.lax.map(fn, w_NOI, batch_size=batch_size)
+  return kernel_LIO.at[layers_N].set(jnp.swapaxes(new_NOI, -1, -2)), stats
+
+
+def _set_path(tree, path: tuple[str, ...], value):
+  """Copy of `tree` with tree[path] = value; only the dicts along the path are copied."""
+  if not path:
+    return value
+  frozen = isinstance(tree, flax.core.FrozenDict)
+  new = dict(tree)
+  new[path[0]] = _set_path(tree[path[0]], path[1:], value)
+  return flax.core.FrozenDict(new) if frozen else new
+
+
+def apply_spec(params, spec: str | Spec, *, batch_size: int | None = None):
+  """Compress the components selected by `spec` -> (new_params, report).
+
+  Pure: the input tree is not modified; untouched leaves are the same arrays. Components
+  sharing (kind, method) are compressed by one jitted call vmapped over their layers
+  (`batch_size` switches to lax.map over chunks of that many layers, to bound memory on
+  large models). report[Component.name] = {'method': canonical method string,
+  'sparsity': achieved fraction of exact zeros, 'bits': bits per weight}, ordered by name.
+  Raises DtmError if the spec does not fit the model (see `validate`).
+  """
+  num_layers, shapes = kernel_shapes(params)
+  spec = validate(spec, num_layers, shapes)
+  groups: dict[tuple[str, Method], list[int]] = collections.defaultdict(list)
+  for comp, method in spec.resolve(num_layers).items():
+    groups[(comp.kind, method)].append(comp.layer)
+  new_params, device_stats = params, {}
+  for (kind, method), layers in groups.items():
+    path = kernel_path(kind)
+    kernel, stats = _compress_layers(get_path(new_params, path), jnp.asarray(layers, jnp.int32),
+                                     method=method, batch_size=batch_size)
+    new_params = _set_path(new_params, path, kernel)
+    device_stats[(kind, method, tuple(layers))] = stats
+  host_stats = jax.device_get(device_stats)  # one transfer for the whole report
+  report = {}
+  for (kind, method, layers), stats in host_stats.items():
+    for i, layer in enumerate(layers):
+      report[Component(layer, kind).name] = {"method": method.to_string(),
+                                             "sparsity": float(stats["sparsity"][i]),
+                                             "bits": int(stats["bits"][i])}
+  return new_params, dict(sorted(report.items()))

@@ -1,0 +1,98 @@
+"""Jitted passes of the evaluate job: teacher-forced DTM pass and windowed perplexity.
+
+Shapes: P prompts of c tokens, N continuation tokens, V vocab, B batch.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from dtm import metrics
+from dtm.generate import greedy_generate
+from dtm.model import Llama
+from dtm.model_config import ModelConfig
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "c"))
+def continuation_logits(cfg: ModelConfig, params, seq_BS: jax.Array, c: int) -> jax.Array:
+  """Teacher-forced logits L'[c-1+j], j = 0..N-1, of s = p ⊕ y: float32 [B, N, V].
+
+  seq_BS: int32 [B, c+N]. The LM head runs only at the N continuation positions
+  (the last token of s is never fed: its prediction is not needed).
+  """
+  model = Llama(cfg)
+  h, _ = model.apply({"params": params}, seq_BS[:, :-1], method=Llama.hidden)
+  return model.apply({"params": params}, h[:, c - 1:], method=Llama.logits)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "c"))
+def dtm_batch(cfg: ModelConfig, params, seq_BS: jax.Array, c: int, base_logits_BNV=None):
+  """`metrics.divergence_stats` of F' (params) on s = p ⊕ y, one forward pass."""
+  logits = continuation_logits(cfg, params, seq_BS, c)
+  return metrics.divergence_stats(logits, seq_BS[:, c:], base_logits_BNV)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def ppl_batch(cfg: ModelConfig, params, tokens_BT: jax.Array, ctx_B: jax.Array):
+  """(NLL sum [B], count [B]) over positions i >= ctx of each window."""
+  logits = Llama(cfg).apply({"params": params}, tokens_BT)
+  return metrics.context_nll(logits, tokens_BT, ctx_B)
+
+
+def _batches(n: int, batch_size: int):
+  for start in range(0, n, batch_size):
+    yield slice(start, min(n, start + batch_size))
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+  """Pad to a full batch by repeating the last row (one compiled shape per run)."""
+  if x.shape[0] == rows:
+    return x
+  return np.concatenate([x, np.repeat(x[-1:], rows - x.shape[0], axis=0)])
+
+
+def generate_references(cfg: ModelConfig, params, prompts_PC: np.ndarray, num_new: int,
+                        batch_size: int, desc: str = "references") -> np.ndarray:
+  """y = greedy(F, p, N) for every prompt: int32 [P, N]."""
+  out = []
+  for sl in tqdm(list(_batches(len(prompts_PC), batch_size)), desc=desc, unit="batch"):
+    chunk = prompts_PC[sl]
+    y = greedy_generate(cfg, params, jnp.asarray(_pad_rows(chunk, batch_size)), num_new)
+    out.append(np.asarray(y)[: len(chunk)])
+  return np.concatenate(out).astype(np.int32)
+
+
+def base_continuation_logits(cfg, params, seq_PS: np.ndarray, c: int, batch_size: int):
+  """Base-model logits at the continuation positions, kept on device: list of [B, N, V]."""
+  return [continuation_logits(cfg, params, jnp.asarray(_pad_rows(seq_PS[sl], batch_size)), c)
+          for sl in _batches(len(seq_PS), batch_size)]
+
+
+def divergence(cfg: ModelConfig, params, seq_PS: np.ndarray, c: int, batch_size: int,
+               base_logits=None, desc: str = "teacher-forced") -> dict[str, np.ndarray]:
+  """Per-prompt `divergence_stats` of params on s = p ⊕ y, gathered to host."""
+  parts = []
+  for i, sl in enumerate(tqdm(list(_batches(len(seq_PS), batch_size)), desc=desc, unit="batch")):
+    seq = jnp.asarray(_pad_rows(seq_PS[sl], batch_size))
+    stats = dtm_batch(cfg, params, seq, c, None if base_logits is None else base_logits[i])
+    parts.append((sl.stop - sl.start, stats))
+  host = jax.device_get(parts)  # one transfer at the end, no per-batch sync
+  return {k: np.concatenate([s[k][:n] for n, s in host]) for k in host[0][1]}
+
+
+def perplexity(cfg: ModelConfig, params, tokens_WT: np.ndarray, ctx_W: np.ndarray,
+               batch_size: int, desc: str = "perplexity") -> dict[str, float]:
+  """Context-aware perplexity over windows: exp(Σ NLL / Σ count), count of scored tokens."""
+  parts = []
+  for sl in tqdm(list(_batches(len(tokens_WT), batch_size)), desc=desc, unit="batch"):
+    toks = jnp.asarray(_pad_rows(tokens_WT[sl], batch_size))
+    ctx = jnp.asarray(_pad_rows(ctx_W[sl], batch_size))
+    parts.append((sl.stop - sl.start, ppl_batch(cfg, params, toks, ctx)))
+  host = jax.device_get(parts)
+  nll = sum(float(np.sum(s[:n])) for n, (s, _) in host)
+  count = sum(int(np.sum(c[:n])) for n, (_, c) in host)
+  return {"ppl": metrics.perplexity(nll, count), "nll_sum": nll, "tokens": count}
