@@ -228,14 +228,20 @@ def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, dim // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _dequantize(t) -> np.ndarray:
-  """float32 array of a reader tensor in numpy (HF) order, i.e. shape == reversed(t.shape)."""
+def _check_type(t) -> None:
+  """DtmError unless reader tensor `t` has a type in _SUPPORTED_TYPES."""
   import gguf
   qtype = gguf.GGMLQuantizationType(t.tensor_type)
   if qtype.name not in _SUPPORTED_TYPES:
     raise DtmError(f"GGUF tensor {t.name} has unsupported type {qtype.name} "
                    f"(supported: {', '.join(sorted(_SUPPORTED_TYPES))})")
-  arr = gguf.quants.dequantize(np.asarray(t.data), qtype)
+
+
+def _dequantize(t) -> np.ndarray:
+  """float32 array of a reader tensor in numpy (HF) order, i.e. shape == reversed(t.shape)."""
+  import gguf
+  _check_type(t)
+  arr = gguf.quants.dequantize(np.asarray(t.data), gguf.GGMLQuantizationType(t.tensor_type))
   expected = tuple(int(n) for n in reversed(t.shape))
   return np.asarray(arr, dtype=np.float32).reshape(expected)
 
@@ -245,12 +251,13 @@ def iter_gguf_tensors(path: str, dtype=np.float32) -> Iterator[tuple[str, np.nda
 
   Arrays are in HF layout (Linear weights [out, in], embedding [V, D], norms [D]), dequantized
   to float32 and cast to `dtype`; q_proj/k_proj rows are un-permuted to HF's rotary layout.
-  `rope_freqs.weight` is skipped; any other unknown tensor raises DtmError.
+  `rope_freqs.weight` is skipped. The file, its architecture, every tensor name and every tensor
+  type are checked when this is called (DtmError), before anything is yielded; only one
+  dequantized tensor is alive at a time.
   """
   reader = _open(path)
   cfg = _config_from_reader(reader, path)
-  n_head = {"self_attn.q_proj": cfg["num_attention_heads"],
-            "self_attn.k_proj": cfg["num_key_value_heads"]}
+  plan = []
   for t in reader.tensors:
     if t.name in _SKIPPED_TENSORS:
       continue
@@ -258,6 +265,15 @@ def iter_gguf_tensors(path: str, dtype=np.float32) -> Iterator[tuple[str, np.nda
     if hf_name is None:
       raise DtmError(f"GGUF file {path} holds tensor {t.name} that dtm's Llama model has no "
                      f"place for (unsupported architecture variant?)")
+    _check_type(t)
+    plan.append((t, hf_name))
+  n_head = {"self_attn.q_proj": cfg["num_attention_heads"],
+            "self_attn.k_proj": cfg["num_key_value_heads"]}
+  return _stream(plan, n_head, dtype)
+
+
+def _stream(plan, n_head: dict[str, int], dtype) -> Iterator[tuple[str, np.ndarray]]:
+  for t, hf_name in plan:
     arr = _dequantize(t)
     for module, heads in n_head.items():
       if hf_name.endswith(f".{module}.weight"):

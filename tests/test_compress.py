@@ -220,6 +220,7 @@ def test_nm_pattern_and_brute_force(n, m):
   w = quantized_like(jax.random.PRNGKey(2), (6, 16), levels=2)
   pruned, stats = C.nm(w, n, m)
   keep = np_nm_keep(np.asarray(w), n, m)
+  np.testing.assert_array_equal(C.nm_rank(w, m) >= m - n, keep)
   np.testing.assert_array_equal(pruned, np.where(keep, np.asarray(w), 0.0))
   # every group of m keeps exactly n positions
   assert (keep.reshape(6, 16 // m, m).sum(-1) == n).all()

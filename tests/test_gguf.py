@@ -162,7 +162,7 @@ def test_wrong_architecture(tmp_path):
   with pytest.raises(DtmError, match="gpt2"):
     gguf_io.read_gguf_config(path)
   with pytest.raises(DtmError, match="gpt2"):
-    next(gguf_io.iter_gguf_tensors(path))
+    gguf_io.iter_gguf_tensors(path)  # checks before the first tensor is asked for
 
 
 def test_unsupported_tensor_type(tmp_path):
@@ -170,7 +170,7 @@ def test_unsupported_tensor_type(tmp_path):
   raw = np.zeros((48, 64 // block * size), np.uint8)  # [rows, bytes per row]
   path = _write_gguf(tmp_path / "q81.gguf", tensors=[("blk.0.attn_v.weight", raw, Q.Q8_1)])
   with pytest.raises(DtmError, match=r"blk\.0\.attn_v\.weight.*Q8_1"):
-    list(gguf_io.iter_gguf_tensors(path))
+    gguf_io.iter_gguf_tensors(path)
 
 
 def test_unknown_tensor(tmp_path):
@@ -201,6 +201,30 @@ def test_missing_and_garbage_file(tmp_path):
     gguf_io.gguf_tokenizer(str(tmp_path / "junk.gguf"))
 
 
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
+  """A tiny 'llama' (SentencePiece BPE, byte fallback, merges derived from scores) vocabulary."""
+  pytest.importorskip("torch", reason=TORCH_REASON)
+  pieces = ["\u2581", *"abcdefghijklmnopqrstuvwxyzTH.,", "\u2581t", "he", "\u2581the", "\u2581a",
+            "in", "\u2581in", "er", "\u2581c", "at", "\u2581cat", "\u2581s", "\u2581sat", "on",
+            "\u2581on", "\u2581\u2581", "\u2581T", "\u2581The", "ing"]
+  tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+  tokenizer = {"model": "llama", "tokens": tokens,
+               "scores": [0.0] * 259 + [-float(i) for i in range(len(pieces))],
+               "types": [2, 3, 3] + [6] * 256 + [1] * len(pieces),
+               "ids": {"bos": 1, "eos": 2, "unk": 0}}
+  path = _write_gguf(tmp_path / "spm.gguf", tokenizer=tokenizer)
+  ours = gguf_io.gguf_tokenizer(path)
+  from transformers import AutoTokenizer
+  ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+  for text in ["The cat sat on the mat", "  the  cat\nsat", "h\u00e9llo \u65e5\u672c \U0001f917", "",
+               " ", "x</s>y <s>", "Theing,thecat."]:
+    ids = ours(text)["input_ids"]
+    assert ids == ref(text)["input_ids"], text
+    assert ids[0] == 1  # add_bos defaults to True for SentencePiece vocabularies
+    assert ours.decode(ids) == ref.decode(ids)
+    assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+
+
 # ----------------------------------------------------------------------------- SmolLM2
 
 
@@ -215,13 +239,18 @@ def test_smollm2_config(smollm2_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizers(smollm2_path):
+def smollm2_tokenizer(smollm2_path):
+  return gguf_io.gguf_tokenizer(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizers(smollm2_path, smollm2_tokenizer):
   """(ours, transformers' GGUF tokenizer)."""
   pytest.importorskip("torch", reason=TORCH_REASON)
   from transformers import AutoTokenizer
   ref = AutoTokenizer.from_pretrained(os.path.dirname(smollm2_path),
                                       gguf_file=os.path.basename(smollm2_path))
-  return gguf_io.gguf_tokenizer(smollm2_path), ref
+  return smollm2_tokenizer, ref
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +280,8 @@ def test_smollm2_tokenizer_matches_transformers(smollm2_tokenizers, wikitext_lin
     assert ours.decode(ids) == ref.decode(ids) == line
 
 
-def test_smollm2_tokenizer_save(smollm2_path, tmp_path):
-  tok = gguf_io.gguf_tokenizer(smollm2_path)
+def test_smollm2_tokenizer_save(smollm2_tokenizer, tmp_path):
+  tok = smollm2_tokenizer
   tok.save_pretrained(tmp_path)
   from transformers import AutoTokenizer
   back = AutoTokenizer.from_pretrained(tmp_path)
