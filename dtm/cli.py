@@ -36,24 +36,54 @@ def run_job(config, workdir: str) -> int:
 
 
 def run_app(main) -> None:
-  """absl's app.run, with flag/config errors (unknown config field, bad config file)
-  reported in one line instead of a usage dump or traceback."""
+  """absl's app.run, with flag/config errors (unknown config field, bad value, missing or
+  broken config file) reported in one line instead of a usage dump or traceback."""
   from absl import app, flags
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:
     argv = flags.FLAGS(sys.argv)
+    _touch_config_flags(flags.FLAGS)
   except flags.Error as e:
     _fail(_flag_message(e))
-  except (AttributeError, KeyError, ValueError, TypeError, FileNotFoundError, SyntaxError) as e:
-    _fail(f"bad config: {type(e).__name__}: {e}")
+  except (AttributeError, KeyError) as e:  # ml_collections: override of an undeclared field
+    _fail(_unknown_field_message(e, sys.argv))
+  except (ValueError, TypeError, OSError, SyntaxError) as e:
+    _fail(f"bad config: {_last_line(e)}")
   except DtmError as e:
     _fail(str(e))
   app.run(main, argv=argv, flags_parser=lambda a: a)
 
 
+def _touch_config_flags(flag_values) -> None:
+  """ml_collections defers 'config file not found' until the config is first read; read it
+  now (OSError) so the failure is reported here rather than as a traceback inside main."""
+  if "config" in flag_values and flag_values["config"].value is not None:
+    flag_values["config"].value.keys()
+
+
+def _last_line(e: BaseException) -> str:
+  """The last non-blank line of an exception message (drops embedded tracebacks)."""
+  lines = [t.strip() for t in str(e).strip().splitlines() if t.strip()]
+  return lines[-1] if lines else type(e).__name__
+
+
+def _unknown_field_message(e: BaseException, argv: list[str]) -> str:
+  """'unknown config field ...' naming the `--config.a.b=v` override that caused `e`."""
+  key = str(e).strip("\"' ")
+  for arg in argv:
+    path = arg.lstrip("-").split("=", 1)[0]
+    if path.startswith("config.") and key in path.split(".")[1:]:
+      return (f"unknown config field {path[len('config.'):]!r} (from {arg}); "
+              f"overrides must name a field declared in the config file's get_config")
+  return f"bad config override: unknown field {key!r}"
+
+
 def _flag_message(e: Exception) -> str:
-  text = str(e).strip().splitlines()
-  text = " ".join(t.strip() for t in text if t.strip())
+  text = str(e).strip()
+  if "Traceback (most recent call last)" in text:  # ml_collections embeds get_config's trace
+    head = text.split(":", 2)[:2] if text.startswith("flag --") else []
+    return f"bad config: {':'.join(head) + ': ' if head else ''}{_last_line(e)}"
+  text = " ".join(t.strip() for t in text.splitlines() if t.strip())
   if "not found" in text.lower() or "does not exist" in text.lower() or "has no attribute" in text:
     return f"bad config override: {text}"
   return text

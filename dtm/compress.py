@@ -503,14 +503,22 @@ def absmax(w_OI: jax.Array, bits: int, granularity: str = "channel", group_size:
   """Symmetric weight-only AbsMax fake quantization to `bits` bits:
   q = clip(round_half_even(w / scale), ±(2^(bits-1) - 1)), w' = q * scale (computed in f32,
   cast back to w's dtype); an all-zero group (scale 0) stays zero."""
+  w = absmax_values(w_OI, jnp.float32(2 ** (bits - 1) - 1), granularity, group_size)
+  return w, _stats(w, bits)
+
+
+def absmax_values(w_OI: jax.Array, qmax, granularity: str = "channel",
+                  group_size: int | None = None) -> jax.Array:
+  """The AbsMax fake-quantized weight for a (possibly traced) f32 qmax = 2^(bits-1) - 1;
+  shared by `absmax` and the vmapped probes so both give bit-identical weights."""
   out_dim, in_dim = w_OI.shape
   g = _group_width(in_dim, granularity, group_size)
-  qmax = 2 ** (bits - 1) - 1
-  scale = absmax_scale(w_OI, bits, granularity, group_size)
+  absw_OGg = jnp.abs(w_OI.astype(jnp.float32)).reshape(out_dim, in_dim // g, g)
+  axes = (0, 1, 2) if granularity == "tensor" else (2,)
+  scale = jnp.max(absw_OGg, axis=axes, keepdims=True) / qmax
   w_OGg = w_OI.astype(jnp.float32).reshape(out_dim, in_dim // g, g)
   q = jnp.clip(jnp.round(w_OGg / jnp.where(scale == 0, 1.0, scale)), -qmax, qmax)
-  w = (q * scale).reshape(out_dim, in_dim).astype(w_OI.dtype)
-  return w, _stats(w, bits)
+  return (q * scale).reshape(out_dim, in_dim).astype(w_OI.dtype)
 
 
 @jax.jit

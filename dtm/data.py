@@ -139,6 +139,9 @@ def _load_local(source: str, data_files: Any, text_field: str,
   import datasets  # Deferred: importing datasets takes ~1 s.
 
   files = _resolve_files(data_files)
+  if all(os.path.getsize(f) == 0 for f in files):
+    raise DtmError(f'no data: data.data_files {files} {"is" if len(files) == 1 else "are"} '
+                   'empty (0 bytes); point it at a file with text.')
   if source == 'auto':
     builders = {infer_builder(f) for f in files}
     if len(builders) != 1:

@@ -63,6 +63,8 @@ def build_eval_data(config, tokenizer, need_ppl: bool = True) -> EvalData:
       prompts = data.prompt_windows(stream, num=p.num, length=p.length, seed=p.seed, bos_id=bos_id)
     source = config.data.source
   ppl = None
+  if need_ppl and tokenizer is None:
+    log.info("perplexity skipped: the model has no tokenizer to tokenize data.source")
   if need_ppl and tokenizer is not None:
     texts = load_texts(config) if texts is None else texts
     stream = data.tokenize_corpus(tokenizer, texts, add_bos=bos_id is not None)

@@ -1,0 +1,74 @@
+"""Probe sweep: compress one component (layer, kind) at a time, at every level.
+
+  python main.py --config=configs/probe.py --workdir=runs/probe-smollm2
+  python main.py --config=configs/probe.py:model=llama2-7b --workdir=runs/probe-7b \
+      --config.probe.method=absmax --config.probe.levels='(8,6,4,3)' \
+      --config.probe.method_args=granularity=channel
+
+Args: model (smollm2 | llama2-7b | llama2-13b | any key of configs.common.MODELS),
+runlocal (a CPU-sized run for tests), quick (the README quick start: all components,
+few levels). Ablations: `sweep()` below; expand with launch/sweep.py.
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, model="smollm2", runlocal=False, quick=False)
+  config = ml_collections.ConfigDict()
+  # Which job main.py runs.
+  config.job = "probe"
+  common.model_fields(config, common.model_name(arg.model))
+  common.data_fields(config)
+  common.prompt_fields(config)
+  probe = config.probe = ml_collections.ConfigDict()
+  # Compression method family: magnitude | absmax | nm.
+  probe.method = "magnitude"
+  # Levels: the method's first argument (rate for magnitude, bits for absmax, n for nm).
+  probe.levels = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+  # Further method arguments, e.g. 'granularity=channel' (absmax) or 'm=4' (nm).
+  probe.method_args = ""
+  # Component kinds to probe (comma-separated subset of q,k,v,o,gate,up,down).
+  probe.kinds = "q,k,v,o,gate,up,down"
+  # Layers to probe: '*' or e.g. '0-3,7' (inclusive ranges).
+  probe.layers = "*"
+  # Probes per compiled call (0 = all levels of a component, capped by device memory).
+  probe.chunk_size = 0
+  # Candidates: per component, the largest level whose FDT_alpha >= min_fdt.
+  probe.candidate_alpha = 0.9
+  # FDT threshold in tokens for candidates (0 = half of prompts.new_tokens).
+  probe.candidate_min_fdt = 0
+  # FDT_alpha levels stored per probe.
+  config.alphas = (0.75, 0.9)
+  # Per-position KL(F‖F') and top-1 agreement per probe (keeps base logits on device).
+  config.kl = True
+
+  config.prompts.num = 16
+  config.prompts.length = 64
+  config.prompts.new_tokens = 32
+  if arg.model != "smollm2":
+    config.param_dtype = config.dtype = "bfloat16"
+    config.data.source = "wikitext-2-raw-v1"
+    config.probe.levels = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+    config.prompts.num = 64
+  if arg.quick:
+    config.prompts.num = 8
+    config.prompts.length = 32
+    config.probe.levels = (0.25, 0.5, 0.75)
+  if arg.runlocal:
+    config.prompts.num = 4
+    config.prompts.length = 12
+    config.prompts.new_tokens = 8
+    config.probe.levels = (0.5, 0.9)
+    config.probe.layers = "0,29"
+    config.probe.kinds = "q,down"
+  return config
+
+
+def sweep(add):
+  """Ablation grid for launch/sweep.py: one run per override dict."""
+  for method, levels, args in (("magnitude", (0.1, 0.25, 0.5, 0.75, 0.9), ""),
+                               ("absmax", (8, 6, 4, 3), "granularity=channel"),
+                               ("nm", (2,), "m=4")):
+    add({"probe.method": method, "probe.levels": levels, "probe.method_args": args})

@@ -1,0 +1,192 @@
+"""Probe sweep job: every selected component at every level, resumable.
+
+Writes to the workdir: sweep.json (the settings that define the results), probes.jsonl
+(one record per probe with all per-prompt values, appended per chunk), summary.csv,
+summary.txt, heatmap.png (FDT_α per component and level) and candidates.json.
+Killed at any moment and restarted with the same command, it skips finished probes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from dtm import compress, io_utils, metrics, probe, report
+from dtm.components import Component, get_path, kernel_path
+from dtm.errors import DtmError
+from dtm.jobs import common
+from dtm.sweep_store import ProbeStore
+
+log = logging.getLogger("dtm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+  component: Component
+  method: compress.Method
+  level: float
+
+  @property
+  def id(self) -> str:
+    return f"{self.component.name}:{self.method.to_string()}"
+
+
+def plan(config, num_layers: int, shapes: dict) -> list[Probe]:
+  """All probes, validated against the model (layers exist, rates in [0, 1), ...)."""
+  p = config.probe
+  if not p.levels:
+    raise DtmError("probe.levels is empty: give at least one level")
+  probes = []
+  for level in p.levels:
+    args = ", ".join(filter(None, [f"{level:g}", p.method_args]))
+    text = f"{p.kinds}@{p.layers}:{p.method}({args})"
+    spec = compress.validate(text, num_layers, shapes)
+    if not spec.rules:
+      raise DtmError(f"probe method {p.method}({args}) is the identity; nothing to probe")
+    for comp, method in spec.resolve(num_layers).items():
+      probes.append(Probe(comp, method, float(level)))
+  return sorted(probes, key=lambda q: (q.component, q.level))
+
+
+def identity(config, model_source: str, prompts: np.ndarray, cfg) -> dict:
+  """The settings that define the results (execution knobs such as chunk size excluded)."""
+  return {
+      "model": config.model, "model_source": model_source, "param_dtype": config.param_dtype,
+      "dtype": config.dtype, "prompts": io_utils.array_fingerprint(prompts),
+      "new_tokens": int(config.prompts.new_tokens), "method": config.probe.method,
+      "method_args": config.probe.method_args, "kinds": config.probe.kinds,
+      "layers": config.probe.layers, "levels": [float(x) for x in config.probe.levels],
+      "kl": bool(config.kl), "num_layers": cfg.num_layers,
+  }
+
+
+def auto_chunk(cfg, p: int, s: int, levels: int) -> int:
+  """Probes per call: all levels of a component, capped so activations of the chunk
+  (about 12 [P, S, max(D, F)] f32 buffers per probe) use at most a quarter of memory."""
+  stats = jax.devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  per_probe = 12 * p * s * max(cfg.hidden_size, cfg.intermediate_size) * 4
+  return max(1, min(levels, int(limit // 4 // per_probe)))
+
+
+def _records(chunk: list[Probe], out: dict, alphas, numel: int) -> list[dict]:
+  recs = []
+  for i, q in enumerate(chunk):
+    per = {k: np.asarray(v[i]) for k, v in out.items() if k != "sparsity"}
+    agg = metrics.aggregate(per, alphas)
+    rec = {"probe": q.id, "component": q.component.name, "layer": q.component.layer,
+           "kind": q.component.kind, "method": q.method.to_string(), "level": q.level,
+           "sparsity": round(float(out["sparsity"][i]), 6), "numel": numel, "aggregate": agg,
+           "per_prompt": {"fdt": per["fdt"].tolist(), "sdt": np.round(per["sdt"], 6).tolist(),
+                          "nll": np.round(per["nll"], 5).tolist()}}
+    if "kl" in per:
+      rec["per_prompt"]["kl_mean"] = np.round(per["kl"].mean(-1), 6).tolist()
+      rec["per_prompt"]["top1_agree"] = np.round(per["top1_agree"].mean(-1), 6).tolist()
+    recs.append(rec)
+  return recs
+
+
+def _gather(out):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(out, tiled=True)
+  return jax.device_get(out)
+
+
+def run(config, workdir: str) -> dict:
+  is_writer = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if config.probe.method not in ("magnitude", "absmax", "nm"):
+    raise DtmError(f"probe.method must be magnitude, absmax or nm, got {config.probe.method!r}")
+  model = common.load(config)
+  cfg = model.cfg
+  num_layers, shapes = compress.kernel_shapes(model.params)
+  probes = plan(config, num_layers, shapes)
+  ev = common.build_eval_data(config, model.tokenizer, need_ppl=False)
+  c, n = ev.prompts.shape[1], int(config.prompts.new_tokens)
+  store = ProbeStore.open(workdir, identity(config, model.source, ev.prompts, cfg), is_writer)
+  todo = [q for q in probes if q.id not in store.records]
+  print(f"probe sweep: {len(probes)} probes ({len(probes) - len(todo)} done), "
+        f"{len({q.component for q in probes})} components x {len(config.probe.levels)} levels, "
+        f"{ev.prompts.shape[0]} prompts, c={c}, N={n}, {jax.device_count()} device(s)")
+  if todo:
+    y = common.references(config, model, ev.prompts, workdir)
+    seq = np.concatenate([ev.prompts, y], axis=1)
+    runner = probe.ProbeRunner(cfg, model.params, seq, c, probe.probe_mesh(), kl=config.kl)
+    chunk_size = config.probe.chunk_size or auto_chunk(cfg, seq.shape[0], seq.shape[1] - 1,
+                                                       len(config.probe.levels))
+    _run_chunks(runner, todo, chunk_size, store, tuple(config.alphas), model.params, is_writer)
+  return _finish(config, workdir, store, probes, n, is_writer)
+
+
+def _chunks(todo: list[Probe], size: int):
+  by_comp: dict[Component, list[Probe]] = {}
+  for q in todo:
+    by_comp.setdefault(q.component, []).append(q)
+  for qs in by_comp.values():
+    for i in range(0, len(qs), size):
+      yield qs[i:i + size]
+
+
+def _run_chunks(runner, todo, chunk_size, store, alphas, params, is_writer):
+  bar = tqdm(total=len(todo), unit="probe", desc="probes", smoothing=0.1)
+  pending = None
+
+  def finish(pending):
+    chunk, out, numel = pending
+    host = _gather(out)  # one step late: the next chunk is already dispatched
+    recs = _records(chunk, host, alphas, numel)
+    if is_writer:
+      store.add(recs)
+    bar.update(len(chunk))
+
+  for chunk in _chunks(todo, chunk_size):
+    comp = chunk[0].component
+    family = probe.split_method(chunk[0].method)[0]
+    shape = get_path(params, kernel_path(comp.kind)).shape
+    numel = int(shape[1] * shape[2])
+    args = [probe.dynamic_arg(family, q.level, numel) for q in chunk]
+    out = runner.run(comp, family, args)
+    if pending is not None:
+      finish(pending)
+    pending = (chunk, out, numel)
+  if pending is not None:
+    finish(pending)
+  bar.close()
+
+
+def _finish(config, workdir, store, probes, n, is_writer) -> dict:
+  records = [store.records[q.id] for q in probes if q.id in store.records]
+  missing = len(probes) - len(records)
+  if missing:
+    raise DtmError(f"{missing} probes have no record; rerun the same command to finish")
+  rows = report.summary_rows(records, config.alphas)
+  alpha = config.probe.candidate_alpha
+  if f"fdt_alpha_{alpha:g}" not in rows[0]:
+    raise DtmError(f"probe.candidate_alpha={alpha} must be one of config.alphas={config.alphas}")
+  min_fdt = config.probe.candidate_min_fdt or n / 2
+  descending = config.probe.method == "absmax"  # fewer bits = more aggressive
+  cands = report.candidates(rows, alpha, min_fdt, descending)
+  levels = sorted({r["level"] for r in rows})
+  table = report.text_table(rows, alpha, levels)
+  if is_writer:
+    report.write_csv(os.path.join(workdir, "summary.csv"), rows)
+    io_utils.atomic_write_text(os.path.join(workdir, "summary.txt"), table + "\n")
+    io_utils.atomic_write_json(os.path.join(workdir, "candidates.json"), {
+        "alpha": alpha, "min_fdt": min_fdt, "method": config.probe.method,
+        "candidates": cands})
+    title = (f"{config.model}: {config.probe.method} probes, FDT_{alpha:g} "
+             f"(N={n}, {len(records[0]['per_prompt']['fdt'])} prompts)")
+    report.heatmap(os.path.join(workdir, "heatmap.png"), rows, alpha, n, title)
+  print(table)
+  ok = sum(v is not None for v in cands.values())
+  print(f"\ncandidates (largest level with FDT_{alpha:g} >= {min_fdt:g}): {ok} of {len(cands)} "
+        f"components; see {os.path.join(workdir, 'candidates.json')}")
+  print(f"results: {workdir}/probes.jsonl, summary.csv, heatmap.png")
+  return {"rows": rows, "candidates": cands}

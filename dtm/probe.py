@@ -1,0 +1,237 @@
+"""Component probes: compress exactly one component at one level, measure its DTMs.
+
+A probe is (component (layer l, kind), level), e.g. (L03.q, magnitude(rate=0.5)).
+All probes of one component form a *chunk* evaluated by one jitted call:
+
+  * prefix reuse: layers 0..l-1 are untouched, so the chunk starts from the base
+    model's residual stream at the input of layer l (`base_pass`, computed once);
+  * the per-probe compression is applied inside the call, vmapped over the K levels
+    of the chunk: the chunk sorts |w| of the component once and each probe derives
+    its magnitude mask from a threshold (value, HF flat index) taken from that order;
+    AbsMax and N:M are computed per probe from the weight (`compress.absmax_values`,
+    `compress.nm_rank`); no copy of the model is built per probe;
+  * layers l+1..L-1 run with the base weights on all K·P sequences at once, in a
+    `lax.fori_loop` with a traced start layer (one compile per kind and method);
+  * the LM head runs only at the N continuation positions, one probe at a time.
+
+The probe axis K is sharded over a 1-D device mesh ('probe'); every other input is
+replicated. Results are per-probe, per-prompt `metrics.divergence_stats`.
+
+Shapes: P prompts, c prompt length, N continuation length, S = c + N - 1 fed
+positions, D hidden, V vocab, K probes in a chunk, L layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
+
+from dtm import compress, metrics
+from dtm.components import Component, kernel_path
+from dtm.model import DecoderLayer, Llama
+from dtm.model_config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodFamily:
+  """The static part of a compression method (one compile per family and kind):
+  name plus the arguments that shape the computation. The per-level argument
+  (rate / bits / n) is dynamic and vmapped."""
+  name: str
+  granularity: str | None = None
+  group_size: int | None = None
+  m: int | None = None
+
+
+def split_method(method: compress.Method) -> tuple[MethodFamily, float]:
+  """Method -> (static family, dynamic level value)."""
+  a = method.kwargs
+  if method.name == "magnitude":
+    return MethodFamily("magnitude"), float(a["rate"])
+  if method.name == "absmax":
+    return MethodFamily("absmax", a["granularity"], a.get("group_size")), float(a["bits"])
+  if method.name == "nm":
+    return MethodFamily("nm", m=int(a["m"])), float(a["n"])
+  if method.name == "identity":
+    return MethodFamily("identity"), 0.0
+  raise ValueError(f"probing does not support method {method.name!r}")
+
+
+def dynamic_arg(family: MethodFamily, level: float, numel: int) -> float:
+  """The per-probe scalar the compiled chunk consumes: k = num_pruned(rate, numel) for
+  magnitude (exact host integer arithmetic), qmax = 2^(bits-1)-1 for absmax, n for nm."""
+  if family.name == "magnitude":
+    return float(compress.num_pruned(level, numel))
+  if family.name == "absmax":
+    return float(2 ** (int(level) - 1) - 1)
+  return float(level)
+
+
+# ----------------------------------------------------------------------------- base pass
+
+def _layer(cfg: ModelConfig, lp, h_BSD, positions_S):
+  out, _ = DecoderLayer(cfg).apply({"params": lp}, h_BSD, None, (positions_S, None))
+  return out
+
+
+def _index_layer(params, i):
+  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False),
+                      params["layers"])
+
+
+def _head(cfg: ModelConfig, params, h_BND):
+  return Llama(cfg).apply({"params": params}, h_BND, method=Llama.logits)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "c"))
+def base_pass(cfg: ModelConfig, params, seq_PS: jax.Array, c: int):
+  """Residual stream at the input of every layer, h_in [L, P, S, D], and the base
+  logits at the continuation positions [P, N, V] (for KL / top-1)."""
+  tokens = seq_PS[:, :-1]
+  positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+  h = Llama(cfg).apply({"params": params}, tokens, method=lambda m, t: m.embed(t))
+
+  def step(h, lp):
+    return _layer(cfg, lp, h, positions), h
+
+  h_last, h_in = jax.lax.scan(step, h, params["layers"])
+  return h_in, _head(cfg, params, h_last[:, c - 1:])
+
+
+# ----------------------------------------------------------------------------- compression
+
+def _hf_flat_index(in_dim: int, out_dim: int) -> jax.Array:
+  """int32 [in, out]: HF row-major flat index o*in + i of each Flax kernel entry (i, o)."""
+  return (jnp.arange(out_dim, dtype=jnp.int32)[None, :] * in_dim
+          + jnp.arange(in_dim, dtype=jnp.int32)[:, None])
+
+
+def _prepare(kernel_IO: jax.Array, family: MethodFamily):
+  """Per-component data shared by all levels of a chunk."""
+  if family.name == "magnitude":
+    a_hf = jnp.abs(kernel_IO.T).reshape(-1)
+    return {"order": jnp.argsort(a_hf, stable=True), "a_hf": a_hf}
+  if family.name == "nm":
+    return {"rank": compress.nm_rank(kernel_IO.T, family.m).T}
+  return {}
+
+
+def _compress_kernel(kernel_IO, family: MethodFamily, arg, prep):
+  """One probe's compressed kernel [in, out]; `arg` is the traced `dynamic_arg`."""
+  in_dim, out_dim = kernel_IO.shape
+  zero = jnp.zeros_like(kernel_IO)
+  if family.name == "magnitude":
+    # The k pruned weights are the first k in ascending (|w|, HF flat index) order,
+    # i.e. those with (|w|, idx) <= (|w|, idx) of the k-th: same set as compress.magnitude.
+    k = arg.astype(jnp.int32)
+    last = prep["order"][jnp.maximum(k - 1, 0)]
+    v = prep["a_hf"][last]
+    a = jnp.abs(kernel_IO)
+    idx = _hf_flat_index(in_dim, out_dim)
+    pruned = ((a < v) | ((a == v) & (idx <= last))) & (k > 0)
+    return jnp.where(pruned, zero, kernel_IO)
+  if family.name == "absmax":
+    return compress.absmax_values(kernel_IO.T, arg.astype(jnp.float32), family.granularity,
+                                  family.group_size).T
+  if family.name == "nm":
+    keep = prep["rank"] >= family.m - arg.astype(jnp.int32)
+    return jnp.where(keep, kernel_IO, zero)
+  return kernel_IO
+
+
+def _replace_kernel(lp, kind: str, kernel):
+  module = kernel_path(kind)[1]
+  return {**lp, module: {**lp[module], kind: {"kernel": kernel}}}
+
+
+# ----------------------------------------------------------------------------- chunk
+
+def probe_chunk(cfg: ModelConfig, params, h_in_PSD, layer, args_K, targets_PN,
+                base_logits_PNV, *, kind: str, family: MethodFamily, c: int):
+  """Stats of K probes on component (layer, kind), levels given by args_K [K] (f32).
+
+  h_in_PSD: base residual stream at the input of `layer` [P, S, D]; layer: int32 scalar
+  (traced); targets_PN = y; base_logits_PNV optional. Returns a dict of [K, P(, N)]
+  arrays (`metrics.divergence_stats`) plus 'sparsity' [K]: fraction of zeros in the
+  compressed kernel.
+  """
+  p, s, d = h_in_PSD.shape
+  k = args_K.shape[0]
+  positions = jnp.arange(s, dtype=jnp.int32)
+  lp = _index_layer(params, layer)
+  kernel = lp[kernel_path(kind)[1]][kind]["kernel"]
+  prep = _prepare(kernel, family)
+
+  def first_layer(arg):
+    w = _compress_kernel(kernel, family, arg, prep)
+    return _layer(cfg, _replace_kernel(lp, kind, w), h_in_PSD, positions), jnp.mean(w == 0)
+
+  h_KPSD, sparsity_K = jax.vmap(first_layer)(args_K)
+  h = h_KPSD.reshape(k * p, s, d)
+  h = jax.lax.fori_loop(layer + 1, cfg.num_layers,
+                        lambda i, h: _layer(cfg, _index_layer(params, i), h, positions), h)
+  h_KPSD = h.reshape(k, p, s, d)
+
+  def stats(h_PSD):
+    logits = _head(cfg, params, h_PSD[:, c - 1:])
+    return metrics.divergence_stats(logits, targets_PN, base_logits_PNV)
+
+  out = jax.lax.map(stats, h_KPSD)
+  out["sparsity"] = sparsity_K
+  return out
+
+
+class ProbeRunner:
+  """Compiles and runs `probe_chunk` with the probe axis sharded over `mesh`."""
+
+  def __init__(self, cfg: ModelConfig, params, seq_PS: np.ndarray, c: int, mesh: Mesh,
+               kl: bool = True):
+    self.cfg, self.params, self.c, self.mesh = cfg, params, c, mesh
+    self.num_devices = mesh.devices.size
+    rep = NamedSharding(mesh, PS())
+    seq = jax.device_put(jnp.asarray(seq_PS), rep)
+    self.h_in, base_logits = base_pass(cfg, params, seq, c)
+    self.base_logits = base_logits if kl else None
+    self.targets = seq[:, c:]
+    self._fns = {}
+
+  def _fn(self, kind: str, family: MethodFamily):
+    key = (kind, family)
+    if key not in self._fns:
+      probe_sh = NamedSharding(self.mesh, PS("probe"))
+      self._fns[key] = jax.jit(
+          functools.partial(probe_chunk, self.cfg, kind=kind, family=family, c=self.c),
+          in_shardings=None, out_shardings=probe_sh)
+    return self._fns[key]
+
+  def run(self, component: Component, family: MethodFamily, args: list[float]):
+    """Dispatch one chunk (asynchronously); returns device arrays [K_padded, ...].
+    K is padded to a multiple of the device count by repeating the last level."""
+    k = len(args)
+    padded = -(-k // self.num_devices) * self.num_devices
+    args_k = np.asarray(args + [args[-1]] * (padded - k), np.float32)
+    args_k = jax.device_put(args_k, NamedSharding(self.mesh, PS("probe")))
+    fn = self._fn(component.kind, family)
+    return fn(self.params, self.h_in[component.layer], jnp.int32(component.layer), args_k,
+              self.targets, self.base_logits)
+
+
+def probe_mesh(devices=None) -> Mesh:
+  """1-D mesh ('probe',) over all devices (all hosts after jax.distributed.initialize())."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), ("probe",))
+
+
+def useful_flops(cfg: ModelConfig, layer: int, p: int, s: int, n: int) -> float:
+  """Matmul FLOPs a probe on `layer` must compute: layers layer..L-1 on all P·S positions
+  (projections + attention scores/values, causal half) + the LM head at P·N positions."""
+  d, f = cfg.hidden_size, cfg.intermediate_size
+  hq, hkv, kd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  per_token = 2 * (d * hq * kd + 2 * d * hkv * kd + hq * kd * d + 3 * d * f)
+  attn = 2 * 2 * hq * kd * (s * (s + 1) / 2)  # QK^T and PV over the causal triangle
+  per_layer = p * (s * per_token + attn)
+  return (cfg.num_layers - layer) * per_layer + p * n * 2 * d * cfg.vocab_size
