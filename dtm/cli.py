@@ -20,6 +20,7 @@ def run_job(config, workdir: str) -> int:
   """Run `dtm.jobs.<config.job>.run(config, workdir)`; DtmError -> one line, exit 2."""
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
+  setup_jax()
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   try:
     module = importlib.import_module(f"dtm.jobs.{config.job}")
@@ -33,6 +34,19 @@ def run_job(config, workdir: str) -> int:
     print("interrupted; rerun the same command to resume", file=sys.stderr)
     return 130
   return 0
+
+
+def setup_jax() -> None:
+  """Multi-host init (launch scripts set DTM_DISTRIBUTED=1 on every worker) and a
+  persistent compilation cache so resumed runs do not recompile (DTM_JAX_CACHE=''
+  disables it)."""
+  import jax
+  if os.environ.get("DTM_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
+  cache = os.environ.get("DTM_JAX_CACHE", os.path.expanduser("~/.cache/dtm/jax"))
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 
 
 def run_app(main) -> None:

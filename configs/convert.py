@@ -1,0 +1,28 @@
+"""Convert a model once: any source -> orbax model dir (fast reloads) and/or HF directory.
+
+  python main.py --config=configs/convert.py:model=llama2-7b --workdir=models/llama2-7b
+  python main.py --config=configs/convert.py --workdir=out/smollm2-pruned \
+      --config.compression='down@*:magnitude(0.5)' --config.export_hf=True
+
+The orbax dir is then usable as --config.model=models/llama2-7b in every job.
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, model="smollm2")
+  config = ml_collections.ConfigDict()
+  # Which job main.py runs.
+  config.job = "convert"
+  common.model_fields(config, common.model_name(arg.model))
+  # Optional compression applied before saving (spec grammar: dtm/compress.py).
+  config.compression = ""
+  # Write <workdir>/params (orbax) + config/tokenizer: a dtm model directory.
+  config.save_orbax = True
+  # Also write <workdir>/hf: config.json + safetensors + tokenizer for transformers.
+  config.export_hf = False
+  # Shard size of exported safetensors files, in MB.
+  config.max_shard_mb = 5000
+  return config
