@@ -1,0 +1,45 @@
+"""Shared benchmark helpers: the real model and WikiText prompts, a matmul peak, timers."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def wikitext_prompts(tokenizer, num: int, length: int, seed: int = 0) -> np.ndarray:
+  """`num` prompts of `length` tokens from the WikiText-2 raw test split (dtm.data path)."""
+  from dtm import data
+  texts = data.load_texts("text", data_files=str(WIKITEXT))
+  stream = data.tokenize_corpus(tokenizer, texts, add_bos=False)
+  return data.prompt_windows(stream, num=num, length=length, seed=seed, bos_id=None)
+
+
+def matmul_peak(n: int = 2048, dtype=jnp.float32, reps: int = 5) -> float:
+  """GFLOP/s of a jitted n x n x n matmul, best of `reps`."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  best = min(timed(lambda: f(a, a).block_until_ready()) for _ in range(reps))
+  return 2 * n**3 / best / 1e9
+
+
+def timed(fn) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def table(rows: list[tuple], header: tuple) -> str:
+  rows = [tuple(str(x) for x in r) for r in [header, *rows]]
+  w = [max(len(r[i]) for r in rows) for i in range(len(header))]
+  return "\n".join("  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i])
+                             for i, c in enumerate(r)) for r in rows)
