@@ -83,9 +83,11 @@ def params_from_hf_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.nda
 def to_device(host_params: dict, shardings=None) -> dict:
   """Move a host tree to devices leaf by leaf, releasing each host leaf after its
   transfer (peak = model + one leaf). `shardings`: matching tree of Shardings or None."""
-  flat = list(_flat_paths(host_params))
+  # Paths only: a list of (path, leaf) would keep every host leaf alive until the end.
+  paths = [path for path, _ in _flat_paths(host_params)]
   out: dict = {}
-  for path, leaf in flat:
+  for path in paths:
+    leaf = components.get_path(host_params, path)
     sharding = components.get_path(shardings, path) if shardings is not None else None
     if sharding is None:
       arr = jax.device_put(leaf)

@@ -31,10 +31,10 @@ class LoadedModel:
 
 
 def _hf_tokenizer(directory: str):
-  from transformers import AutoTokenizer
   if not any(os.path.exists(os.path.join(directory, f))
              for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
     return None
+  from transformers import AutoTokenizer  # deferred: importing it (and torch) takes seconds
   try:
     return AutoTokenizer.from_pretrained(directory)
   except Exception as e:  # tokenizer problems must not block weight-only work

@@ -24,7 +24,7 @@ exact tie between y_j and a lower-indexed token the position counts as divergent
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,12 +63,28 @@ def _gather_last(x_BNV: jax.Array, index_BN: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x_BNV, index_BN[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
-def _kl_from_log_probs(logp_base_BNV: jax.Array, logp_BNV: jax.Array) -> jax.Array:
+class BaseDist(NamedTuple):
+  """The base model's distribution at the continuation positions, computed once and
+  reused by every compressed model (probe): log p_F, p_F [B, N, V] f32, argmax [B, N]."""
+  logp: jax.Array
+  p: jax.Array
+  argmax: jax.Array
+
+
+def base_dist(base_logits_BNV: jax.Array) -> BaseDist:
+  """BaseDist from base logits [B, N, V] (any float dtype; math in float32)."""
+  base = jnp.asarray(base_logits_BNV).astype(jnp.float32)
+  logp = base - jax.nn.logsumexp(base, axis=-1, keepdims=True)
+  return BaseDist(logp, jnp.exp(logp), jnp.argmax(base, axis=-1).astype(jnp.int32))
+
+
+def _kl_from_log_probs(logp_base_BNV: jax.Array, logp_BNV: jax.Array,
+                       p_base_BNV: jax.Array | None = None) -> jax.Array:
   """KL(F‖F') = Σ_v p_F(v) (log p_F(v) − log p_F'(v)) per position, in nats.
 
   Terms with p_F(v) = 0 contribute 0 (also when log p_F'(v) = -inf).
   """
-  p_base = jnp.exp(logp_base_BNV)
+  p_base = jnp.exp(logp_base_BNV) if p_base_BNV is None else p_base_BNV
   term = jnp.where(p_base > 0, p_base * (logp_base_BNV - logp_BNV), 0.0)
   return jnp.sum(term, axis=-1)
 
@@ -88,7 +104,8 @@ def divergence_stats(
       L'[c-1+j], the prediction of y_j. Any float dtype (e.g. bfloat16).
     targets_BN: int [B, N]; y = greedy(F, p, N).
     base_logits_BNV: optional [B, N, V] logits of the base model F at the same
-      positions (for the llama.cpp-style KL / top-1 statistics).
+      positions (for the llama.cpp-style KL / top-1 statistics), or their
+      precomputed `BaseDist` (saves two passes over V when reused).
 
   Returns a dict of per-prompt arrays:
     fdt: int32 [B]; First Divergent Token, min{ j : argmax L'[c-1+j] ≠ y_j } or N.
@@ -108,11 +125,10 @@ def divergence_stats(
   fdt_B, sdt_B = fdt_sdt_from_divergent(pred_BN != targets_BN)
   out = {"fdt": fdt_B, "sdt": sdt_B, "nll": nll_BN}
   if base_logits_BNV is not None:
-    base_BNV = jnp.asarray(base_logits_BNV).astype(jnp.float32)
-    logp_base_BNV = base_BNV - jax.nn.logsumexp(base_BNV, axis=-1, keepdims=True)
+    base = base_logits_BNV if isinstance(base_logits_BNV, BaseDist) else base_dist(base_logits_BNV)
     logp_BNV = logits_BNV - lse_BN[..., None]
-    out["kl"] = _kl_from_log_probs(logp_base_BNV, logp_BNV)
-    out["top1_agree"] = pred_BN == jnp.argmax(base_BNV, axis=-1).astype(jnp.int32)
+    out["kl"] = _kl_from_log_probs(base.logp, logp_BNV, base.p)
+    out["top1_agree"] = pred_BN == base.argmax
   return out
 
 

@@ -155,7 +155,7 @@ def probe_chunk(cfg: ModelConfig, params, h_in_PSD, layer, args_K, targets_PN,
   """Stats of K probes on component (layer, kind), levels given by args_K [K] (f32).
 
   h_in_PSD: base residual stream at the input of `layer` [P, S, D]; layer: int32 scalar
-  (traced); targets_PN = y; base_logits_PNV optional. Returns a dict of [K, P(, N)]
+  (traced); targets_PN = y; base_logits_PNV: optional base logits or `metrics.BaseDist`. Returns a dict of [K, P(, N)]
   arrays (`metrics.divergence_stats`) plus 'sparsity' [K]: fraction of zeros in the
   compressed kernel.
   """
@@ -195,7 +195,7 @@ class ProbeRunner:
     rep = NamedSharding(mesh, PS())
     seq = jax.device_put(jnp.asarray(seq_PS), rep)
     self.h_in, base_logits = base_pass(cfg, params, seq, c)
-    self.base_logits = base_logits if kl else None
+    self.base = metrics.base_dist(base_logits) if kl else None
     self.targets = seq[:, c:]
     self._fns = {}
 
@@ -217,7 +217,7 @@ class ProbeRunner:
     args_k = jax.device_put(args_k, NamedSharding(self.mesh, PS("probe")))
     fn = self._fn(component.kind, family)
     return fn(self.params, self.h_in[component.layer], jnp.int32(component.layer), args_k,
-              self.targets, self.base_logits)
+              self.targets, self.base)
 
 
 def probe_mesh(devices=None) -> Mesh:

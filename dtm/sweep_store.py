@@ -65,7 +65,7 @@ def _read_records(path: str, repair: bool) -> dict[str, dict]:
   with open(path, "rb") as f:
     raw = f.read()
   good_end = 0
-  for line in raw.split(b"\n")[:-1] if raw.endswith(b"\n") else raw.split(b"\n"):
+  for line in raw.split(b"\n")[:-1]:  # an unterminated last line is partial, even if it parses
     try:
       rec = json.loads(line)
     except json.JSONDecodeError:

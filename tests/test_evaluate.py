@@ -32,16 +32,16 @@ from dtm.model import Llama
 
 P, C, N, BATCH = 16, 32, 32, 16
 
-# Mild to strong (mean FDT on these prompts roughly 17, 6 and 1 of 32).
+# Mild to strong (mean FDT on these prompts roughly 17, 7.5 and 1 of 32).
 SPECS = ("*@*:absmax(bits=8,granularity=channel)", "down@*:magnitude(0.2)",
          "*@*:absmax(bits=4,granularity=channel)")
 
 
-def _config(workdir_data: str, **prompt_overrides):
+def _config(data_files: str, **prompt_overrides):
   """configs/evaluate.py:runlocal with the module's prompt shape and WikiText-2 data."""
   config = evaluate_config.get_config("runlocal")
   config.data.source = "text"
-  config.data.data_files = workdir_data
+  config.data.data_files = data_files
   config.prompts.num = P
   config.prompts.length = C
   config.prompts.new_tokens = N
@@ -215,13 +215,17 @@ TORCH_CASES = {
 def hf_model(smollm2_gguf):
   torch = torch_or_skip()
   from transformers import LlamaForCausalLM
-  torch.set_num_threads(2)
+  threads = torch.get_num_threads()
+  # One thread: on a busy 2-core machine torch's OpenMP barriers make 2 threads 3-6x slower
+  # (HF decoding 16 x 32 tokens: ~9 s with one thread, 33-59 s with two at load average 5).
+  torch.set_num_threads(1)
   model = LlamaForCausalLM.from_pretrained(os.path.dirname(smollm2_gguf),
                                            gguf_file=os.path.basename(smollm2_gguf),
                                            dtype=torch.float32).eval()
   model.generation_config.eos_token_id = None  # exactly N tokens, no stop at EOS
   model.generation_config.pad_token_id = 0
-  return model
+  yield model
+  torch.set_num_threads(threads)
 
 
 def _torch_stats(hf, seq: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
@@ -234,6 +238,21 @@ def _torch_stats(hf, seq: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
   logp = _log_softmax64(logits)
   nll = -np.take_along_axis(logp, y[..., None].astype(np.int64), axis=-1)[..., 0]
   return {"fdt": _fdt_from_tokens(pred, y), "sdt": (pred != y).mean(-1), "nll": nll}
+
+
+def _assert_weights_match(ours: np.ndarray, theirs: np.ndarray) -> None:
+  """Equal up to float32 rounding, except on rare exact rounding ties of AbsMax.
+
+  XLA on CPU turns `w / scale` (scale broadcast per row) into `w * (1 / scale)`, which is
+  not IEEE division: where w / scale lies within an ulp of k + 1/2, dtm and numpy round to
+  neighbouring levels (about 15 of 331,776 weights of one q_proj at 8 bits). Such a weight
+  differs by exactly one quantization step; everything else agrees to float32 precision.
+  """
+  close = np.isclose(ours, theirs, rtol=1e-6, atol=1e-8)
+  assert np.mean(~close) < 1e-4, f"{np.sum(~close)} of {ours.size} weights differ"
+  step = np.abs(theirs).max(axis=1, keepdims=True) / 127.0  # 8-bit channel scale
+  one_step = np.isclose(np.abs(ours - theirs), np.broadcast_to(step, ours.shape), rtol=1e-4)
+  assert np.all(close | one_step)
 
 
 def _set_weights(hf, kinds, fn, originals) -> None:
@@ -278,7 +297,7 @@ def test_torch_independent_metrics(smollm2, hf_model, prompts_and_refs, compress
         ours = np.asarray(params_c["layers"][compress.kernel_path(kind)[1]][kind]["kernel"][l]).T
         theirs = hf_model.model.layers[l].get_submodule(HF_MODULES[kind]).weight.detach().numpy()
         np.testing.assert_array_equal(ours == 0, theirs == 0)
-        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-8)
+        _assert_weights_match(ours, theirs)
   try:
     ref = _torch_stats(hf_model, seq, y)
   finally:
@@ -297,7 +316,8 @@ def test_torch_independent_metrics(smollm2, hf_model, prompts_and_refs, compress
 # ---------------------------------------------------------------------- end to end job
 
 
-E2E_SPEC = "down@*:magnitude(0.2); q@0:nm(2,4)"
+E2E_SPEC = "down@0-9:magnitude(0.2); q@0:nm(2,4)"
+E2E_DOWN_LAYERS = range(10)
 
 
 def test_job_end_to_end_jsonl_and_cached_references(
@@ -338,11 +358,11 @@ def test_job_end_to_end_jsonl_and_cached_references(
 
   # achieved sparsity per component matches the spec
   comps = res["components"]
-  assert set(comps) == {f"L{l:02d}.down" for l in range(30)} | {"L00.q"}
+  assert set(comps) == {f"L{l:02d}.down" for l in E2E_DOWN_LAYERS} | {"L00.q"}
   down = smollm2.params["layers"]["mlp"]["down"]["kernel"]
   numel = down[0].size
   k = math.floor(0.2 * numel)
-  for l in range(30):
+  for l in E2E_DOWN_LAYERS:
     zeros = int(np.sum(np.asarray(down[l]) == 0))
     c = comps[f"L{l:02d}.down"]
     assert c["method"] == "magnitude(rate=0.2)" and c["bits"] == 32

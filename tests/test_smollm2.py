@@ -20,13 +20,20 @@ LOGIT_ATOL = 2e-3
 
 @pytest.fixture(scope="module")
 def hf_gguf(smollm2_gguf):
-  """transformers' LlamaForCausalLM built from the same GGUF file, float32, once per module."""
+  """transformers' LlamaForCausalLM built from the same GGUF file, float32, once per module.
+
+  torch runs single-threaded here: on a small, shared CPU box its 2-thread OpenMP
+  barriers made `generate` ~10x slower than one thread.
+  """
   torch = torch_or_skip()
   from transformers import LlamaForCausalLM
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
   model = LlamaForCausalLM.from_pretrained(
       os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf),
       torch_dtype=torch.float32)
-  return model.eval()
+  yield model.eval()
+  torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +66,8 @@ def test_logits_match_hf_gguf(smollm2, hf_gguf, wikitext_tokens):
   ours = flax_logits(smollm2, prompts)
   ref = torch_logits(hf_gguf, prompts)
   assert ours.shape == ref.shape == (4, 64, smollm2.cfg.vocab_size)
-  assert np.abs(ours - ref).max() < LOGIT_ATOL
+  diff = np.abs(ours - ref).max()
+  assert diff < LOGIT_ATOL, diff
 
 
 def test_greedy_continuations_match_hf_generate(smollm2, hf_gguf, wikitext_tokens):
@@ -86,7 +94,8 @@ def test_export_hf_loads_in_transformers_and_round_trips(smollm2, wikitext_token
   hf = LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
   assert hf.config.tie_word_embeddings == smollm2.cfg.tie_word_embeddings
   prompts = data.prompt_windows(wikitext_tokens, num=2, length=64, seed=2, bos_id=None)
-  assert np.abs(torch_logits(hf, prompts) - flax_logits(smollm2, prompts)).max() < LOGIT_ATOL
+  diff = np.abs(torch_logits(hf, prompts) - flax_logits(smollm2, prompts)).max()
+  assert diff < LOGIT_ATOL, diff
   del hf
   text = "The tower is 324 metres (1,063 ft) tall, about the same height as an 81-storey building."
   assert AutoTokenizer.from_pretrained(out).encode(text) == smollm2.tokenizer.encode(text)
