@@ -79,15 +79,15 @@ def _records(chunk: list[Probe], out: dict, alphas, numel: int) -> list[dict]:
   recs = []
   for i, q in enumerate(chunk):
     per = {k: np.asarray(v[i]) for k, v in out.items() if k != "sparsity"}
+    r6 = lambda x: np.round(np.asarray(x, np.float64), 6).tolist()  # short, exact JSON
     agg = metrics.aggregate(per, alphas)
     rec = {"probe": q.id, "component": q.component.name, "layer": q.component.layer,
            "kind": q.component.kind, "method": q.method.to_string(), "level": q.level,
            "sparsity": round(float(out["sparsity"][i]), 6), "numel": numel, "aggregate": agg,
-           "per_prompt": {"fdt": per["fdt"].tolist(), "sdt": np.round(per["sdt"], 6).tolist(),
-                          "nll": np.round(per["nll"], 5).tolist()}}
+           "per_prompt": {"fdt": per["fdt"].tolist(), "sdt": r6(per["sdt"]), "nll": r6(per["nll"])}}
     if "kl" in per:
-      rec["per_prompt"]["kl_mean"] = np.round(per["kl"].mean(-1), 6).tolist()
-      rec["per_prompt"]["top1_agree"] = np.round(per["top1_agree"].mean(-1), 6).tolist()
+      rec["per_prompt"]["kl_mean"] = r6(per["kl"].mean(-1))
+      rec["per_prompt"]["top1_agree"] = r6(per["top1_agree"].mean(-1))
     recs.append(rec)
   return recs
 
