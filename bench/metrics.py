@@ -103,6 +103,14 @@ def load_torch_model(params_c, spec):
   return hf
 
 
+def torch_matmul_peak(n: int = 2048, reps: int = 5) -> float:
+  """GFLOP/s of a torch n x n x n float32 matmul (same threads as the torch pass), best of reps."""
+  import torch
+  a = torch.randn(n, n)
+  a @ a
+  return 2 * n**3 / min(common.timed(lambda: a @ a) for _ in range(reps)) / 1e9
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--spec", default="*@*:absmax(bits=8,granularity=channel)",
@@ -154,7 +162,7 @@ def main():
       ("  decode only (P x (N-1))", f"{t_gen - t_prefill:.3f}",
        f"{P * (N - 1) / (t_gen - t_prefill):,.0f}", "", ""),
   ]
-  agree = None
+  agree = torch_peak = t_torch = None
   if not args.no_torch:
     try:
       hf = load_torch_model(params_c, args.spec)
@@ -170,6 +178,7 @@ def main():
       rows.append(("torch teacher-forced (logits_to_keep=N)", f"{t_torch:.3f}",
                    f"{tf_tokens / t_torch:,.0f}", f"{flops / t_torch / 1e9:.1f}", ""))
       rows.append(("  ratio torch time / dtm time", f"{t_torch / t_tf:.2f}", "", "", ""))
+      torch_peak = torch_matmul_peak()
       dppl = lambda nll: float(np.exp(np.mean(np.asarray(nll, np.float64))))  # noqa: E731
       agree = (np.mean(stats["fdt"] == ref["fdt"]), dppl(stats["nll"]), dppl(ref["nll"]))
 
@@ -183,6 +192,8 @@ def main():
   print(f"compress.apply_spec: {t_compress:.1f} s; FDT mean {np.mean(stats['fdt']):.2f}, "
         f"SDT mean {np.mean(stats['sdt']):.3f}")
   if agree is not None:
+    print(f"torch 2048^3 float32 matmul ({torch_peak:.1f} GFLOP/s): the torch pass reaches "
+          f"{flops / t_torch / 1e9 / torch_peak:.0%} of it")
     print(f"dtm vs torch: per-prompt FDT equal on {agree[0]:.1%}; DPPL {agree[1]:.5f} vs {agree[2]:.5f}")
 
 
