@@ -515,9 +515,15 @@ def absmax_values(w_OI: jax.Array, qmax, granularity: str = "channel",
   g = _group_width(in_dim, granularity, group_size)
   absw_OGg = jnp.abs(w_OI.astype(jnp.float32)).reshape(out_dim, in_dim // g, g)
   axes = (0, 1, 2) if granularity == "tensor" else (2,)
-  scale = jnp.max(absw_OGg, axis=axes, keepdims=True) / qmax
+  # XLA rewrites x / broadcast(s) as x * (1/s), which is not IEEE division and moves
+  # some weights to the neighbouring grid point; materialising the divisors behind an
+  # optimization barrier keeps both divisions exact (as numpy / torch compute them).
+  amax = jnp.max(absw_OGg, axis=axes, keepdims=True)
+  scale = amax / jax.lax.optimization_barrier(jnp.full(amax.shape, qmax, jnp.float32))
   w_OGg = w_OI.astype(jnp.float32).reshape(out_dim, in_dim // g, g)
-  q = jnp.clip(jnp.round(w_OGg / jnp.where(scale == 0, 1.0, scale)), -qmax, qmax)
+  divisor = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.where(scale == 0, 1.0, scale),
+                                                          w_OGg.shape))
+  q = jnp.clip(jnp.round(w_OGg / divisor), -qmax, qmax)
   return (q * scale).reshape(out_dim, in_dim).astype(w_OI.dtype)
 
 

@@ -336,3 +336,18 @@ def test_apply_spec_identity_and_errors():
     C.apply_spec(params, "q@7:magnitude(0.5)")
   with pytest.raises(DtmError, match="does not divide the input dimension of L00.down"):
     C.apply_spec(params, "down@0:nm(2,5)")
+
+
+@pytest.mark.parametrize("granularity,group_size", [("tensor", None), ("channel", None), ("group", 64)])
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_absmax_bit_exact_against_numpy_ieee_division(bits, granularity, group_size):
+  """q = round_half_even(w / scale) with true IEEE division (XLA must not use 1/scale)."""
+  w = np.random.default_rng(bits).standard_normal((96, 192)).astype(np.float32) * 0.05
+  got, _ = C.absmax(jnp.asarray(w), bits, granularity, group_size)
+  g = group_size or w.shape[1]
+  wg = w.reshape(w.shape[0], -1, g)
+  axes = (0, 1, 2) if granularity == "tensor" else (2,)
+  qmax = np.float32(2 ** (bits - 1) - 1)
+  scale = np.abs(wg).max(axis=axes, keepdims=True) / qmax
+  ref = (np.clip(np.round(wg / scale), -qmax, qmax) * scale).reshape(w.shape)
+  np.testing.assert_array_equal(np.asarray(got), ref.astype(np.float32))
