@@ -53,14 +53,14 @@ def dtm_sweep(m, seq, probes):
   return (time.perf_counter() - t0) / len(probes), compile_s, fdt
 
 
-def torch_loops(m, prompts, y, probes):
+def torch_loops(m, prompts, y, probes, dtype: str):
   import torch
   from transformers import LlamaForCausalLM
   from dtm import gguf_io
   torch.set_num_threads(2)
   path = gguf_io.find_smollm2_gguf()
   hf = LlamaForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                        torch_dtype=torch.float32).eval()
+                                        torch_dtype=getattr(torch, dtype)).eval()
   seq = torch.as_tensor(np.concatenate([prompts, y], 1), dtype=torch.long)
   p = torch.as_tensor(prompts, dtype=torch.long)
 
@@ -126,16 +126,18 @@ def main():
   rows = [("dtm sweep (" + args.dtype + ")", f"{s_dtm:.3f}", "1.00", f"{flops / s_dtm / 1e9:.1f}")]
   if not args.no_torch:
     try:
-      s_gen, s_tf, fdt_gen, fdt_tf = torch_loops(m, prompts, y, probes)
-      rows += [("torch (a) generate loop", f"{s_gen:.3f}", f"{s_gen / s_dtm:.2f}", ""),
-               ("torch (b) teacher-forced loop", f"{s_tf:.3f}", f"{s_tf / s_dtm:.2f}", "")]
-      agree = np.mean(fdt_gen == fdt_dtm) if args.dtype == "float32" else float("nan")
+      s_gen, s_tf, fdt_gen, fdt_tf = torch_loops(m, prompts, y, probes, args.dtype)
+      rows += [(f"torch (a) generate loop ({args.dtype})", f"{s_gen:.3f}",
+                f"{s_gen / s_dtm:.2f}", ""),
+               (f"torch (b) teacher-forced loop ({args.dtype})", f"{s_tf:.3f}",
+                f"{s_tf / s_dtm:.2f}", "")]
+      agree = np.mean(fdt_gen == fdt_dtm)
     except ImportError:
       agree = None
   print(f"\nSmolLM2-135M, {P} WikiText prompts, c={C}, N={N}, {len(probes)} probes "
         f"(layers {LAYERS} x {KINDS}, magnitude {RATE}), {jax.device_count()} device(s), "
         f"{os.cpu_count()} CPU cores")
-  print(common.table(rows, ("contender", "s/probe", "x dtm", "useful GFLOP/s")))
+  print(common.table(rows, ("contender", "s/probe", "s / dtm s", "useful GFLOP/s")))
   print(f"float32 2048^3 matmul peak: {peak:.1f} GFLOP/s; sweep useful GFLOP/s = "
         f"{flops / s_dtm / 1e9 / peak:.0%} of it; dtm compile {compile_s:.1f} s (2 kinds)")
   if not args.no_torch and agree is not None:

@@ -447,7 +447,50 @@ def prune_rank_kernel(kernel_IO: jax.Array) -> jax.Array:
 
 def prune_lowest(w_OI: jax.Array, k) -> jax.Array:
   """Zero the k weights of lowest prune_rank; k may be traced."""
-  return jnp.where(prune_rank(w_OI) >= k, w_OI, jnp.zeros_like(w_OI))
+  return jnp.where(magnitude_pruned(jnp.abs(w_OI), _flat_index(w_OI.shape), k),
+                   jnp.zeros_like(w_OI), w_OI)
+
+
+def _flat_index(shape_OI) -> jax.Array:
+  out_dim, in_dim = shape_OI
+  return jnp.arange(out_dim * in_dim, dtype=jnp.int32).reshape(out_dim, in_dim)
+
+
+def magnitude_cut(abs_w: jax.Array, flat_index: jax.Array, k) -> tuple[jax.Array, jax.Array]:
+  """The k-th smallest weight in (|w|, HF flat index) order, found without sorting.
+
+  abs_w: |w| (any layout, float); flat_index: int32, same shape, each weight's HF
+  row-major index o*in+i; k: int (may be traced), 1 <= k <= numel. Returns
+  (v_bits, last) such that the first k weights in that order are exactly those with
+  bits(|w|) < v_bits, or bits(|w|) == v_bits and flat_index <= last. Non-negative
+  floats order like their int32 bit patterns, so two binary searches of counting
+  passes (31 over values, 32 over indices) replace an O(n log n) sort that is slow
+  on CPU; the result equals `prune_rank(w) < k` exactly.
+  """
+  bits = jax.lax.bitcast_convert_type(abs_w.astype(jnp.float32), jnp.int32)
+  k = jnp.asarray(k, jnp.int32)
+
+  def search(count_le, lo, hi, steps):
+    # smallest t in [lo, hi] with count_le(t) >= k' (count_le non-decreasing in t)
+    def body(_, lohi):
+      lo, hi = lohi
+      mid = lo + (hi - lo) // 2
+      ok = count_le(mid)
+      return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+    return jax.lax.fori_loop(0, steps, body, (jnp.int32(lo), jnp.int32(hi)))[0]
+
+  v = search(lambda t: jnp.sum(bits <= t, dtype=jnp.int32) >= k, 0, 0x7F800000, 31)
+  need = k - jnp.sum(bits < v, dtype=jnp.int32)  # how many ties at v are pruned
+  last = search(lambda j: jnp.sum((bits == v) & (flat_index <= j), dtype=jnp.int32) >= need,
+                0, 2**31 - 2, 32)
+  return v, last
+
+
+def magnitude_pruned(abs_w: jax.Array, flat_index: jax.Array, k) -> jax.Array:
+  """bool mask of the k weights magnitude pruning zeroes (see `magnitude_cut`); k traced ok."""
+  v, last = magnitude_cut(abs_w, flat_index, jnp.maximum(k, 1))
+  bits = jax.lax.bitcast_convert_type(abs_w.astype(jnp.float32), jnp.int32)
+  return ((bits < v) | ((bits == v) & (flat_index <= last))) & (k > 0)
 
 
 @functools.partial(jax.jit, static_argnames=("rate",))

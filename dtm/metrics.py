@@ -65,17 +65,30 @@ def _gather_last(x_BNV: jax.Array, index_BN: jax.Array) -> jax.Array:
 
 class BaseDist(NamedTuple):
   """The base model's distribution at the continuation positions, computed once and
-  reused by every compressed model (probe): log p_F, p_F [B, N, V] f32, argmax [B, N]."""
-  logp: jax.Array
+  reused by every compressed model (probe): logits, p_F [B, N, V] f32, the
+  log-normaliser lse_F [B, N] and argmax [B, N]."""
+  logits: jax.Array
   p: jax.Array
+  lse: jax.Array
   argmax: jax.Array
+
+
+def _max_lse_argmax(logits_BNV: jax.Array):
+  """(max, log Σ exp, first index of the max) over the last axis, as plain
+  (non-variadic) reductions that XLA vectorises; argmax equals jnp.argmax."""
+  max_BN = jnp.max(logits_BNV, axis=-1)
+  lse_BN = max_BN + jnp.log(jnp.sum(jnp.exp(logits_BNV - max_BN[..., None]), axis=-1))
+  iota = jax.lax.broadcasted_iota(jnp.int32, logits_BNV.shape, logits_BNV.ndim - 1)
+  pred_BN = jnp.min(jnp.where(logits_BNV == max_BN[..., None], iota, logits_BNV.shape[-1]),
+                    axis=-1)
+  return max_BN, lse_BN, pred_BN
 
 
 def base_dist(base_logits_BNV: jax.Array) -> BaseDist:
   """BaseDist from base logits [B, N, V] (any float dtype; math in float32)."""
   base = jnp.asarray(base_logits_BNV).astype(jnp.float32)
-  logp = base - jax.nn.logsumexp(base, axis=-1, keepdims=True)
-  return BaseDist(logp, jnp.exp(logp), jnp.argmax(base, axis=-1).astype(jnp.int32))
+  _, lse, argmax = _max_lse_argmax(base)
+  return BaseDist(base, jnp.exp(base - lse[..., None]), lse, argmax)
 
 
 def _kl_from_log_probs(logp_base_BNV: jax.Array, logp_BNV: jax.Array,
@@ -119,15 +132,19 @@ def divergence_stats(
   """
   logits_BNV = jnp.asarray(logits_BNV).astype(jnp.float32)
   targets_BN = jnp.asarray(targets_BN).astype(jnp.int32)
-  lse_BN = jax.nn.logsumexp(logits_BNV, axis=-1)
+  # Few passes over V, each a plain reduction: max; Σ exp (log-normaliser); first
+  # index of the max; with a base model one more, Σ_v p_F (b − l'), which reads only
+  # inputs and so shares its pass with the others.
+  _, lse_BN, pred_BN = _max_lse_argmax(logits_BNV)
   nll_BN = lse_BN - _gather_last(logits_BNV, targets_BN)
-  pred_BN = jnp.argmax(logits_BNV, axis=-1).astype(jnp.int32)
   fdt_B, sdt_B = fdt_sdt_from_divergent(pred_BN != targets_BN)
   out = {"fdt": fdt_B, "sdt": sdt_B, "nll": nll_BN}
   if base_logits_BNV is not None:
     base = base_logits_BNV if isinstance(base_logits_BNV, BaseDist) else base_dist(base_logits_BNV)
-    logp_BNV = logits_BNV - lse_BN[..., None]
-    out["kl"] = _kl_from_log_probs(base.logp, logp_BNV, base.p)
+    # KL = Σ p_F (log p_F − log p_F') = Σ p_F (b − l') − lse_F + lse' (Σ p_F = 1), with b,
+    # l' the raw logits: no per-element log-probs; identical inputs give exactly 0.
+    cross = jnp.sum(jnp.where(base.p > 0, base.p * (base.logits - logits_BNV), 0.0), axis=-1)
+    out["kl"] = cross + (lse_BN - base.lse)
     out["top1_agree"] = pred_BN == base.argmax
   return out
 

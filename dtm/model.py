@@ -84,16 +84,21 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-  """Bias-free linear map with kernel [in, out]."""
+  """Bias-free linear map with kernel [in, out]; output in `dtype` (f32 if out_f32)."""
   features: int
   dtype: Any
   param_dtype: Any
+  out_f32: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = self.param("kernel", nn.initializers.normal(0.02),
                         (x.shape[-1], self.features), self.param_dtype)
-    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    # f32 accumulation requested explicitly: on CPU this selects the fast (AMX/oneDNN)
+    # bf16 kernels, on TPU/GPU it is what the MXU/tensor cores do anyway.
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
+                preferred_element_type=jnp.float32)
+    return y if self.out_f32 else y.astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -130,7 +135,8 @@ class Attention(nn.Module):
     mask_TS = jnp.arange(s)[None, :] <= positions_T[:, None]
     scores = jnp.where(mask_TS, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt)).reshape(b, t, hq * kd)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt),
+                     preferred_element_type=jnp.float32).astype(dt).reshape(b, t, hq * kd)
     return Linear(cfg.hidden_size, dt, pdt, name="o")(out), new_cache
 
 
@@ -190,7 +196,7 @@ class Llama(nn.Module):
         in_axes=(0, nn.broadcast), out_axes=0, length=cfg.num_layers)(cfg)
     self.final_norm = RMSNorm(cfg.rms_norm_eps, dt, pdt)
     if not cfg.tie_word_embeddings:
-      self.lm_head = Linear(cfg.vocab_size, dt, pdt)
+      self.lm_head = Linear(cfg.vocab_size, dt, pdt, out_f32=True)
 
   def hidden(self, tokens_BT: Array, cache: KVCache | None = None, cache_index=None):
     """Residual stream after the last layer (before the final norm): [B, T, D].
@@ -208,10 +214,10 @@ class Llama(nn.Module):
     """Final norm + LM head, float32 logits [B, T, V]."""
     x = self.final_norm(h_BTD)
     if self.cfg.tie_word_embeddings:
-      out = self.embed.attend(x)
-    else:
-      out = self.lm_head(x)
-    return out.astype(jnp.float32)
+      dt = jnp.dtype(self.cfg.dtype)
+      return jnp.dot(x.astype(dt), self.embed.embedding.astype(dt).T,
+                     preferred_element_type=jnp.float32)
+    return self.lm_head(x)
 
   def __call__(self, tokens_BT: Array, cache: KVCache | None = None, cache_index=None):
     h, cache = self.hidden(tokens_BT, cache, cache_index)

@@ -6,8 +6,8 @@ All probes of one component form a *chunk* evaluated by one jitted call:
   * prefix reuse: layers 0..l-1 are untouched, so the chunk starts from the base
     model's residual stream at the input of layer l (`base_pass`, computed once);
   * the per-probe compression is applied inside the call, vmapped over the K levels
-    of the chunk: the chunk sorts |w| of the component once and each probe derives
-    its magnitude mask from a threshold (value, HF flat index) taken from that order;
+    of the chunk: each probe finds its magnitude threshold (value, HF flat index) by
+    counting passes over |w| (`compress.magnitude_cut`, exact, no sort);
     AbsMax and N:M are computed per probe from the weight (`compress.absmax_values`,
     `compress.nm_rank`); no copy of the model is built per probe;
   * layers l+1..L-1 run with the base weights on all K·P sequences at once, in a
@@ -112,9 +112,6 @@ def _hf_flat_index(in_dim: int, out_dim: int) -> jax.Array:
 
 def _prepare(kernel_IO: jax.Array, family: MethodFamily):
   """Per-component data shared by all levels of a chunk."""
-  if family.name == "magnitude":
-    a_hf = jnp.abs(kernel_IO.T).reshape(-1)
-    return {"order": jnp.argsort(a_hf, stable=True), "a_hf": a_hf}
   if family.name == "nm":
     return {"rank": compress.nm_rank(kernel_IO.T, family.m).T}
   return {}
@@ -126,13 +123,9 @@ def _compress_kernel(kernel_IO, family: MethodFamily, arg, prep):
   zero = jnp.zeros_like(kernel_IO)
   if family.name == "magnitude":
     # The k pruned weights are the first k in ascending (|w|, HF flat index) order,
-    # i.e. those with (|w|, idx) <= (|w|, idx) of the k-th: same set as compress.magnitude.
-    k = arg.astype(jnp.int32)
-    last = prep["order"][jnp.maximum(k - 1, 0)]
-    v = prep["a_hf"][last]
-    a = jnp.abs(kernel_IO)
-    idx = _hf_flat_index(in_dim, out_dim)
-    pruned = ((a < v) | ((a == v) & (idx <= last))) & (k > 0)
+    # found by counting (no sort): the same set as compress.magnitude.
+    pruned = compress.magnitude_pruned(jnp.abs(kernel_IO), _hf_flat_index(in_dim, out_dim),
+                                       arg.astype(jnp.int32))
     return jnp.where(pruned, zero, kernel_IO)
   if family.name == "absmax":
     return compress.absmax_values(kernel_IO.T, arg.astype(jnp.float32), family.granularity,

@@ -351,3 +351,14 @@ def test_absmax_bit_exact_against_numpy_ieee_division(bits, granularity, group_s
   scale = np.abs(wg).max(axis=axes, keepdims=True) / qmax
   ref = (np.clip(np.round(wg / scale), -qmax, qmax) * scale).reshape(w.shape)
   np.testing.assert_array_equal(np.asarray(got), ref.astype(np.float32))
+
+
+def test_counting_threshold_equals_sorted_rank_on_ties():
+  """magnitude_pruned (binary search, no sort) == prune_rank < k for every k tried."""
+  rng = np.random.default_rng(7)
+  w = rng.integers(-3, 4, (24, 40)).astype(np.float32) * 0.25  # many equal magnitudes, zeros
+  rank = np.asarray(C.prune_rank(jnp.asarray(w)))
+  idx = np.arange(w.size, dtype=np.int32).reshape(w.shape)
+  for k in [0, 1, 2, 37, 311, 480, 900, w.size - 1, w.size]:
+    got = np.asarray(C.magnitude_pruned(jnp.abs(jnp.asarray(w)), jnp.asarray(idx), k))
+    np.testing.assert_array_equal(got, rank < k, err_msg=f"k={k}")
