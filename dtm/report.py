@@ -51,30 +51,37 @@ def candidates(rows: list[dict], alpha: float, min_fdt: float, descending: bool)
 
 
 def heatmap(path: str, rows: list[dict], alpha: float, max_fdt: int, title: str) -> None:
-  """Rows: components (layer-major), columns: levels, colour: FDT_α (the paper's figure)."""
+  """The paper's probing figure: one panel per level; in each, rows are layers,
+  columns are component kinds, colour is FDT_α (tokens reproduced by α of prompts).
+  Components that were not probed stay blank."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   key = f"fdt_alpha_{alpha:g}"
-  comps = sorted({r["component"] for r in rows}, key=_order)
+  comps = [parse_component(r["component"]) for r in rows]
+  layers = sorted({c.layer for c in comps})
+  kinds = [k for k in KINDS if any(c.kind == k for c in comps)]
   levels = sorted({r["level"] for r in rows})
-  grid = np.full((len(comps), len(levels)), np.nan)
-  for r in rows:
-    grid[comps.index(r["component"]), levels.index(r["level"])] = r[key]
-  height = max(4.0, 0.09 * len(comps) + 1.5)
-  fig, ax = plt.subplots(figsize=(2.0 + 0.8 * len(levels), height))
-  im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=max_fdt,
-                 interpolation="nearest")
-  ax.set_xticks(range(len(levels)), [f"{l:g}" for l in levels])
-  step = max(1, len(comps) // 60)
-  ax.set_yticks(range(0, len(comps), step), comps[::step], fontsize=6)
-  ax.set_xlabel("level")
-  ax.set_ylabel("component")
-  ax.set_title(title, fontsize=9)
-  fig.colorbar(im, ax=ax, label=f"FDT$_{{{alpha:g}}}$ (tokens)")
-  fig.tight_layout()
+  grid = np.full((len(levels), len(layers), len(kinds)), np.nan)
+  for r, c in zip(rows, comps):
+    grid[levels.index(r["level"]), layers.index(c.layer), kinds.index(c.kind)] = r[key]
+  width = 1.0 + (0.32 * len(kinds) + 0.35) * len(levels)
+  height = 1.6 + 0.16 * len(layers)
+  fig, axes = plt.subplots(1, len(levels), figsize=(max(width, 4.0), max(height, 3.0)),
+                           squeeze=False, sharey=True)
+  for i, (ax, level) in enumerate(zip(axes[0], levels)):
+    im = ax.imshow(grid[i], aspect="auto", cmap="viridis", vmin=0, vmax=max_fdt,
+                   interpolation="nearest")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=90, fontsize=7)
+    ax.set_title(f"{level:g}", fontsize=8)
+    if i == 0:
+      step = max(1, len(layers) // 32)
+      ax.set_yticks(range(0, len(layers), step), [str(l) for l in layers[::step]], fontsize=6)
+      ax.set_ylabel("layer")
+  fig.suptitle(title, fontsize=9)
+  fig.colorbar(im, ax=axes[0].tolist(), label=f"FDT$_{{{alpha:g}}}$ (tokens)", shrink=0.8)
   tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
+  fig.savefig(tmp, dpi=120, bbox_inches="tight")
   plt.close(fig)
   os.replace(tmp, path)
 

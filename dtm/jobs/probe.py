@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -135,7 +136,8 @@ def _chunks(todo: list[Probe], size: int):
 
 
 def _run_chunks(runner, todo, chunk_size, store, alphas, params, is_writer):
-  bar = tqdm(total=len(todo), unit="probe", desc="probes", smoothing=0.1)
+  bar = tqdm(total=len(todo), unit="probe", desc="probes", smoothing=0.1,
+             mininterval=0.5 if sys.stderr.isatty() else 30)
   pending = None
 
   def finish(pending):
@@ -181,8 +183,8 @@ def _finish(config, workdir, store, probes, n, is_writer) -> dict:
     io_utils.atomic_write_json(os.path.join(workdir, "candidates.json"), {
         "alpha": alpha, "min_fdt": min_fdt, "method": config.probe.method,
         "candidates": cands})
-    title = (f"{config.model}: {config.probe.method} probes, FDT_{alpha:g} "
-             f"(N={n}, {len(records[0]['per_prompt']['fdt'])} prompts)")
+    title = (f"{config.model}: one component at a time, FDT_{alpha:g} (N={n}, "
+             f"{len(records[0]['per_prompt']['fdt'])} prompts); panels: {config.probe.method} level")
     report.heatmap(os.path.join(workdir, "heatmap.png"), rows, alpha, n, title)
   print(table)
   ok = sum(v is not None for v in cands.values())
