@@ -219,3 +219,24 @@ def test_bad_compression_spec(tmp_path, spec, match):
 def test_compression_layer_out_of_range(tiny_dir, tmp_path):
   assert_user_error(tmp_path, f"--config.model={tiny_dir}", "--config.compression=q@7:magnitude(0.5)",
                     match=("layer 7", "2 layers"))
+
+
+def test_continuation_longer_than_model_context(tiny_dir, tmp_path):
+  assert_user_error(tmp_path, f"--config.model={tiny_dir}", "--config.prompts.new_tokens=300",
+                    match=("exceeds the model's context", "256"))
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("q@*:absmax(bits=9)", ("bits", "9")),
+    ("q@*:absmax(bits=4,granularity=group,group_size=5)", ("group_size 5", "does not divide")),
+])
+def test_bad_quantization_spec(tiny_dir, tmp_path, spec, match):
+  assert_user_error(tmp_path, f"--config.model={tiny_dir}", f"--config.compression={spec}",
+                    match=match)
+
+
+def test_probe_sweep_impossible_sparsity(tmp_path):
+  workdir = tmp_path / "probe"
+  proc = run_main(workdir, "--config.probe.levels=(0.5,1.0)", config="configs/probe.py:runlocal")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert "sparsity rate" in proc.stderr and "1" in proc.stderr
