@@ -128,15 +128,19 @@ class Attention(nn.Module):
       new_cache = (k, v)
     else:
       new_cache = None
-    s = k.shape[1]
-    q_BTkGK = q.reshape(b, t, hkv, hq // hkv, kd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_BTkGK, k.astype(dt),
+    s, g = k.shape[1], hq // hkv
+    # Head-major layout with the G query heads of a KV head folded into the rows:
+    # one [G*T, K] x [K, S] matmul per (batch, KV head), the fastest form on CPU.
+    q_BkMK = q.reshape(b, t, hkv, g, kd).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, kd)
+    k_BkSK = k.astype(dt).transpose(0, 2, 1, 3)
+    v_BkSK = v.astype(dt).transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkmd,bksd->bkms", q_BkMK, k_BkSK,
                         preferred_element_type=jnp.float32) / math.sqrt(kd)
     mask_TS = jnp.arange(s)[None, :] <= positions_T[:, None]
-    scores = jnp.where(mask_TS, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt),
-                     preferred_element_type=jnp.float32).astype(dt).reshape(b, t, hq * kd)
+    scores = jnp.where(mask_TS, scores.reshape(b, hkv, g, t, s), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, hkv, g * t, s)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, v_BkSK, preferred_element_type=jnp.float32)
+    out = out.astype(dt).reshape(b, hkv, g, t, kd).transpose(0, 3, 1, 2, 4).reshape(b, t, hq * kd)
     return Linear(cfg.hidden_size, dt, pdt, name="o")(out), new_cache
 
 
