@@ -3,10 +3,9 @@
 Fine overrides: `--config.<field>=<value>`. Dispatches to `dtm.jobs.<config.job>.run`.
 User errors (`DtmError`) print one line and exit with status 2.
 """
-import importlib
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config file.", lock_config=True)

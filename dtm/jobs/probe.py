@@ -8,11 +8,9 @@ Killed at any moment and restarted with the same command, it skips finished prob
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
-import time
 
 import jax
 import numpy as np
