@@ -143,15 +143,17 @@ def _replace_kernel(lp, kind: str, kernel):
 
 # ----------------------------------------------------------------------------- chunk
 
-def probe_chunk(cfg: ModelConfig, params, h_in_PSD, layer, args_K, targets_PN,
+def probe_chunk(cfg: ModelConfig, params, h_in_LPSD, layer, args_K, targets_PN,
                 base_logits_PNV, *, kind: str, family: MethodFamily, c: int):
   """Stats of K probes on component (layer, kind), levels given by args_K [K] (f32).
 
-  h_in_PSD: base residual stream at the input of `layer` [P, S, D]; layer: int32 scalar
+  h_in_LPSD: base residual stream at the input of every layer [L, P, S, D] (indexed
+  here, inside the compiled call, so no per-layer slice is compiled); layer: int32 scalar
   (traced); targets_PN = y; base_logits_PNV: optional base logits or `metrics.BaseDist`. Returns a dict of [K, P(, N)]
   arrays (`metrics.divergence_stats`) plus 'sparsity' [K]: fraction of zeros in the
   compressed kernel.
   """
+  h_in_PSD = jax.lax.dynamic_index_in_dim(h_in_LPSD, layer, keepdims=False)
   p, s, d = h_in_PSD.shape
   k = args_K.shape[0]
   positions = jnp.arange(s, dtype=jnp.int32)
@@ -209,7 +211,7 @@ class ProbeRunner:
     args_k = np.asarray(args + [args[-1]] * (padded - k), np.float32)
     args_k = jax.device_put(args_k, NamedSharding(self.mesh, PS("probe")))
     fn = self._fn(component.kind, family)
-    return fn(self.params, self.h_in[component.layer], jnp.int32(component.layer), args_k,
+    return fn(self.params, self.h_in, jnp.int32(component.layer), args_k,
               self.targets, self.base)
 
 
