@@ -25,7 +25,7 @@ needs_wiki = pytest.mark.skipif(not WIKI_RAW.is_file(), reason=f'{WIKI_RAW} miss
 @pytest.fixture(scope='module')
 def wiki_lines() -> list[str]:
   if not WIKI_RAW.is_file():
-    pytest.skip(f'{WIKI_RAW} missing')
+    pytest.fail(f'{WIKI_RAW} missing (shared/ beside the repo)')
   return data.load_texts('text', data_files=str(WIKI_RAW))
 
 

@@ -256,7 +256,7 @@ def smollm2_tokenizers(smollm2_path, smollm2_tokenizer):
 @pytest.fixture(scope="module")
 def wikitext_lines() -> list[str]:
   if not WIKITEXT_TEST.exists():
-    pytest.skip(f"WikiText-2 test split not found at {WIKITEXT_TEST}")
+    pytest.fail(f"WikiText-2 test split not found at {WIKITEXT_TEST} (shared/ beside the repo)")
   import datasets
   ds = datasets.load_dataset("text", data_files=str(WIKITEXT_TEST), split="train")
   return ds["text"]
