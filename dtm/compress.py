@@ -534,11 +534,19 @@ def absmax_scale(w_OI: jax.Array, bits: int, granularity: str = "channel",
   Shape broadcasts against w reshaped to [out, in // g, g] (g = in unless 'group'):
   tensor [1, 1, 1], channel [out, 1, 1], group [out, in // group_size, 1].
   """
+  return _absmax_scale(w_OI, jnp.float32(2 ** (bits - 1) - 1), granularity, group_size)
+
+
+def _absmax_scale(w_OI: jax.Array, qmax, granularity: str, group_size: int | None) -> jax.Array:
   out_dim, in_dim = w_OI.shape
   g = _group_width(in_dim, granularity, group_size)
   absw_OGg = jnp.abs(w_OI.astype(jnp.float32)).reshape(out_dim, in_dim // g, g)
   axes = (0, 1, 2) if granularity == "tensor" else (2,)
-  return jnp.max(absw_OGg, axis=axes, keepdims=True) / (2 ** (bits - 1) - 1)
+  amax = jnp.max(absw_OGg, axis=axes, keepdims=True)
+  # XLA rewrites x / broadcast(s) as x * (1/s), which is not IEEE division and moves
+  # some weights to the neighbouring grid point; materialising the divisors behind an
+  # optimization barrier keeps the divisions exact (as numpy / torch compute them).
+  return amax / jax.lax.optimization_barrier(jnp.full(amax.shape, qmax, jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "granularity", "group_size"))
@@ -556,13 +564,7 @@ def absmax_values(w_OI: jax.Array, qmax, granularity: str = "channel",
   shared by `absmax` and the vmapped probes so both give bit-identical weights."""
   out_dim, in_dim = w_OI.shape
   g = _group_width(in_dim, granularity, group_size)
-  absw_OGg = jnp.abs(w_OI.astype(jnp.float32)).reshape(out_dim, in_dim // g, g)
-  axes = (0, 1, 2) if granularity == "tensor" else (2,)
-  # XLA rewrites x / broadcast(s) as x * (1/s), which is not IEEE division and moves
-  # some weights to the neighbouring grid point; materialising the divisors behind an
-  # optimization barrier keeps both divisions exact (as numpy / torch compute them).
-  amax = jnp.max(absw_OGg, axis=axes, keepdims=True)
-  scale = amax / jax.lax.optimization_barrier(jnp.full(amax.shape, qmax, jnp.float32))
+  scale = _absmax_scale(w_OI, qmax, granularity, group_size)
   w_OGg = w_OI.astype(jnp.float32).reshape(out_dim, in_dim // g, g)
   divisor = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.where(scale == 0, 1.0, scale),
                                                           w_OGg.shape))

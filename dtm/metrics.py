@@ -91,17 +91,6 @@ def base_dist(base_logits_BNV: jax.Array) -> BaseDist:
   return BaseDist(base, jnp.exp(base - lse[..., None]), lse, argmax)
 
 
-def _kl_from_log_probs(logp_base_BNV: jax.Array, logp_BNV: jax.Array,
-                       p_base_BNV: jax.Array | None = None) -> jax.Array:
-  """KL(F‖F') = Σ_v p_F(v) (log p_F(v) − log p_F'(v)) per position, in nats.
-
-  Terms with p_F(v) = 0 contribute 0 (also when log p_F'(v) = -inf).
-  """
-  p_base = jnp.exp(logp_base_BNV) if p_base_BNV is None else p_base_BNV
-  term = jnp.where(p_base > 0, p_base * (logp_base_BNV - logp_BNV), 0.0)
-  return jnp.sum(term, axis=-1)
-
-
 def divergence_stats(
     logits_BNV: jax.Array,
     targets_BN: jax.Array,

@@ -243,12 +243,7 @@ def abstract_params(cfg: ModelConfig):
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"]
 
 
-def layer_params(params, layer: int):
-  """Params of one decoder layer (the layer axis indexed away)."""
-  return jax.tree.map(lambda x: x[layer], params["layers"])
-
-
 def apply_layer(cfg: ModelConfig, params_layer, h_BTD: Array, positions_T: Array) -> Array:
-  """One decoder layer without cache: h [B, T, D] -> [B, T, D]."""
+  """One decoder layer without cache: h [B, T, D] -> [B, T, D] (params without the L axis)."""
   out, _ = DecoderLayer(cfg).apply({"params": params_layer}, h_BTD, None, (positions_T, None))
   return out

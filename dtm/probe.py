@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 
 from dtm import compress, metrics
 from dtm.components import Component, kernel_path
-from dtm.model import DecoderLayer, Llama
+from dtm.model import Llama, apply_layer
 from dtm.model_config import ModelConfig
 
 
@@ -73,11 +73,6 @@ def dynamic_arg(family: MethodFamily, level: float, numel: int) -> float:
 
 # ----------------------------------------------------------------------------- base pass
 
-def _layer(cfg: ModelConfig, lp, h_BSD, positions_S):
-  out, _ = DecoderLayer(cfg).apply({"params": lp}, h_BSD, None, (positions_S, None))
-  return out
-
-
 def _index_layer(params, i):
   return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False),
                       params["layers"])
@@ -96,7 +91,7 @@ def base_pass(cfg: ModelConfig, params, seq_PS: jax.Array, c: int):
   h = Llama(cfg).apply({"params": params}, tokens, method=lambda m, t: m.embed(t))
 
   def step(h, lp):
-    return _layer(cfg, lp, h, positions), h
+    return apply_layer(cfg, lp, h, positions), h
 
   h_last, h_in = jax.lax.scan(step, h, params["layers"])
   return h_in, _head(cfg, params, h_last[:, c - 1:])
@@ -163,12 +158,12 @@ def probe_chunk(cfg: ModelConfig, params, h_in_LPSD, layer, args_K, targets_PN,
 
   def first_layer(arg):
     w = _compress_kernel(kernel, family, arg, prep)
-    return _layer(cfg, _replace_kernel(lp, kind, w), h_in_PSD, positions), jnp.mean(w == 0)
+    return apply_layer(cfg, _replace_kernel(lp, kind, w), h_in_PSD, positions), jnp.mean(w == 0)
 
   h_KPSD, sparsity_K = jax.vmap(first_layer)(args_K)
   h = h_KPSD.reshape(k * p, s, d)
   h = jax.lax.fori_loop(layer + 1, cfg.num_layers,
-                        lambda i, h: _layer(cfg, _index_layer(params, i), h, positions), h)
+                        lambda i, h: apply_layer(cfg, _index_layer(params, i), h, positions), h)
   h_KPSD = h.reshape(k, p, s, d)
 
   def stats(h_PSD):
