@@ -13,8 +13,24 @@ from tqdm.auto import tqdm
 
 from dtm import metrics
 from dtm.generate import greedy_generate
-from dtm.model import Llama
+from dtm.model import Llama, head_matrix
 from dtm.model_config import ModelConfig
+
+
+def head_stats(cfg: ModelConfig, params, h_BND, targets_BN, base):
+  """Final norm, then the LM head fused with `metrics.divergence_stats` over vocab chunks
+  (the [B, N, V] logits are never materialised). Shared with the evaluate path."""
+  x = Llama(cfg).apply({"params": params}, h_BND, method=Llama.normed)
+  if base is not None and not isinstance(base, metrics.BaseDist):
+    base = metrics.base_dist(base)
+  return metrics.head_divergence_stats(x, head_matrix(cfg, params), targets_BN, base,
+                                       dtype=jnp.dtype(cfg.dtype))
+
+
+def final_logits(cfg: ModelConfig, params, h_BND):
+  """Base-model logits [B, N, V] (float32), bit-identical to what `head_stats` sees."""
+  x = Llama(cfg).apply({"params": params}, h_BND, method=Llama.normed)
+  return metrics.head_logits(x, head_matrix(cfg, params), dtype=jnp.dtype(cfg.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "c"))
@@ -24,16 +40,16 @@ def continuation_logits(cfg: ModelConfig, params, seq_BS: jax.Array, c: int) -> 
   seq_BS: int32 [B, c+N]. The LM head runs only at the N continuation positions
   (the last token of s is never fed: its prediction is not needed).
   """
-  model = Llama(cfg)
-  h, _ = model.apply({"params": params}, seq_BS[:, :-1], method=Llama.hidden)
-  return model.apply({"params": params}, h[:, c - 1:], method=Llama.logits)
+  h, _ = Llama(cfg).apply({"params": params}, seq_BS[:, :-1], method=Llama.hidden)
+  return final_logits(cfg, params, h[:, c - 1:])
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "c"))
 def dtm_batch(cfg: ModelConfig, params, seq_BS: jax.Array, c: int, base_logits_BNV=None):
-  """`metrics.divergence_stats` of F' (params) on s = p ⊕ y, one forward pass."""
-  logits = continuation_logits(cfg, params, seq_BS, c)
-  return metrics.divergence_stats(logits, seq_BS[:, c:], base_logits_BNV)
+  """`metrics.divergence_stats` of F' (params) on s = p ⊕ y, one forward pass; the LM
+  head is fused with the statistics over vocabulary chunks (`probe.head_stats`)."""
+  h, _ = Llama(cfg).apply({"params": params}, seq_BS[:, :-1], method=Llama.hidden)
+  return head_stats(cfg, params, h[:, c - 1:], seq_BS[:, c:], base_logits_BNV)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -138,6 +138,99 @@ def divergence_stats(
   return out
 
 
+def _vocab_chunks(head_VD: jax.Array, vocab_chunk: int, dtype):
+  """head [V, D] -> ([nc, vc, D] zero-padded chunks, vc)."""
+  v, d = head_VD.shape
+  nc = -(-v // vocab_chunk)
+  vc = -(-v // nc)
+  w = jnp.pad(head_VD.astype(dtype), ((0, nc * vc - v), (0, 0))).reshape(nc, vc, d)
+  return w, vc
+
+
+def _chunk_logits(x_BND: jax.Array, w_vD: jax.Array) -> jax.Array:
+  return jnp.einsum("bnd,vd->bnv", x_BND, w_vD, preferred_element_type=jnp.float32)
+
+
+def head_logits(x_BND: jax.Array, head_VD: jax.Array, *, vocab_chunk: int = 4096,
+                dtype=jnp.float32) -> jax.Array:
+  """float32 logits x @ head.T [B, N, V], computed chunk by chunk exactly as
+  `head_divergence_stats` computes them, so both give bit-identical logits."""
+  v = head_VD.shape[0]
+  w, vc = _vocab_chunks(head_VD, vocab_chunk, dtype)
+  x = x_BND.astype(dtype)
+  out = jax.lax.map(lambda w_vD: _chunk_logits(x, w_vD), w)  # [nc, B, N, vc]
+  out = jnp.moveaxis(out, 0, -2).reshape(*x.shape[:-1], w.shape[0] * vc)
+  return out[..., :v]
+
+
+def head_divergence_stats(
+    x_BND: jax.Array,
+    head_VD: jax.Array,
+    targets_BN: jax.Array,
+    base: BaseDist | None = None,
+    *,
+    vocab_chunk: int = 4096,
+    dtype=jnp.float32,
+) -> dict[str, jax.Array]:
+  """`divergence_stats` of logits = x @ head.T, computed over vocabulary chunks.
+
+  The LM head and the statistics are fused: each [B, N, vocab_chunk] block of logits
+  is produced and consumed while it is in cache (online max / Σ exp rescaling as in
+  flash attention; argmax keeps the first maximum across chunks), so the [B, N, V]
+  logits are never written to memory. Same definitions and outputs as
+  `divergence_stats`; the log-normaliser's summation order differs (≈1e-6 relative).
+
+  Args:
+    x_BND: final-normed hidden states at the continuation positions [B, N, D].
+    head_VD: LM head [V, D] (`dtm.model.head_matrix`).
+    targets_BN: y [B, N]; base: optional `BaseDist` of the base model.
+    vocab_chunk: logits per chunk; V is padded to a multiple (padding masked out).
+    dtype: matmul input dtype (accumulation is float32).
+  """
+  v = head_VD.shape[0]
+  w, vc = _vocab_chunks(head_VD, vocab_chunk, dtype)
+  nc, pad = w.shape[0], w.shape[0] * vc - v
+  x = x_BND.astype(dtype)
+  targets_BN = jnp.asarray(targets_BN).astype(jnp.int32)
+  shape = targets_BN.shape
+
+  def chunked(a_BNV):  # [B, N, V] -> [nc, B, N, vc]
+    a = jnp.pad(a_BNV, [(0, 0)] * (a_BNV.ndim - 1) + [(0, pad)])
+    return jnp.moveaxis(a.reshape(*shape, nc, vc), -2, 0)
+
+  xs = {"w": w, "i": jnp.arange(nc, dtype=jnp.int32)}
+  if base is not None:
+    xs["b"], xs["p"] = chunked(base.logits), chunked(base.p)
+
+  def body(carry, c):
+    m, s, arg, ty, cross = carry
+    logits = _chunk_logits(x, c["w"])
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    logits = jnp.where(iota + c["i"] * vc < v, logits, -jnp.inf)
+    cmax = jnp.max(logits, axis=-1)
+    carg = jnp.min(jnp.where(logits == cmax[..., None], iota, vc), axis=-1) + c["i"] * vc
+    new_m = jnp.maximum(m, cmax)
+    s = s * jnp.exp(m - new_m) + jnp.sum(jnp.exp(logits - new_m[..., None]), axis=-1)
+    arg = jnp.where(cmax > m, carg, arg)  # ties keep the earlier (lower) index
+    local = targets_BN - c["i"] * vc
+    inside = (local >= 0) & (local < vc)
+    ty = jnp.where(inside, _gather_last(logits, jnp.clip(local, 0, vc - 1)), ty)
+    if base is not None:
+      cross = cross + jnp.sum(jnp.where(c["p"] > 0, c["p"] * (c["b"] - logits), 0.0), axis=-1)
+    return (new_m, s, arg, ty, cross), None
+
+  zeros = jnp.zeros(shape, jnp.float32)
+  init = (jnp.full(shape, -jnp.inf), zeros, jnp.zeros(shape, jnp.int32), zeros, zeros)
+  (m, s, pred_BN, target_logit, cross), _ = jax.lax.scan(body, init, xs)
+  lse_BN = m + jnp.log(s)
+  fdt_B, sdt_B = fdt_sdt_from_divergent(pred_BN != targets_BN)
+  out = {"fdt": fdt_B, "sdt": sdt_B, "nll": lse_BN - target_logit}
+  if base is not None:
+    out["kl"] = cross + (lse_BN - base.lse)
+    out["top1_agree"] = pred_BN == base.argmax
+  return out
+
+
 def context_nll(
     logits_BTV: jax.Array,
     tokens_BT: jax.Array,

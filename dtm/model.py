@@ -214,6 +214,10 @@ class Llama(nn.Module):
     h, new = self.layers(h, per_layer, (positions, cache_index))
     return h, (None if cache is None else KVCache(*new))
 
+  def normed(self, h_BTD: Array) -> Array:
+    """Final RMSNorm only (the LM head's input)."""
+    return self.final_norm(h_BTD)
+
   def logits(self, h_BTD: Array) -> Array:
     """Final norm + LM head, float32 logits [B, T, V]."""
     x = self.final_norm(h_BTD)
@@ -247,3 +251,10 @@ def apply_layer(cfg: ModelConfig, params_layer, h_BTD: Array, positions_T: Array
   """One decoder layer without cache: h [B, T, D] -> [B, T, D] (params without the L axis)."""
   out, _ = DecoderLayer(cfg).apply({"params": params_layer}, h_BTD, None, (positions_T, None))
   return out
+
+
+def head_matrix(cfg: ModelConfig, params) -> Array:
+  """The LM head as W [V, D] (logits = x @ W.T): the embedding when tied."""
+  if cfg.tie_word_embeddings:
+    return params["embed"]["embedding"]
+  return params["lm_head"]["kernel"].T

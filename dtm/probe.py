@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 
 from dtm import compress, metrics
 from dtm.components import Component, kernel_path
+from dtm.evaluation import final_logits, head_stats
 from dtm.model import Llama, apply_layer
 from dtm.model_config import ModelConfig
 
@@ -78,10 +79,6 @@ def _index_layer(params, i):
                       params["layers"])
 
 
-def _head(cfg: ModelConfig, params, h_BND):
-  return Llama(cfg).apply({"params": params}, h_BND, method=Llama.logits)
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "c"))
 def base_pass(cfg: ModelConfig, params, seq_PS: jax.Array, c: int):
   """Residual stream at the input of every layer, h_in [L, P, S, D], and the base
@@ -94,7 +91,7 @@ def base_pass(cfg: ModelConfig, params, seq_PS: jax.Array, c: int):
     return apply_layer(cfg, lp, h, positions), h
 
   h_last, h_in = jax.lax.scan(step, h, params["layers"])
-  return h_in, _head(cfg, params, h_last[:, c - 1:])
+  return h_in, final_logits(cfg, params, h_last[:, c - 1:])
 
 
 # ----------------------------------------------------------------------------- compression
@@ -167,8 +164,7 @@ def probe_chunk(cfg: ModelConfig, params, h_in_LPSD, layer, args_K, targets_PN,
   h_KPSD = h.reshape(k, p, s, d)
 
   def stats(h_PSD):
-    logits = _head(cfg, params, h_PSD[:, c - 1:])
-    return metrics.divergence_stats(logits, targets_PN, base_logits_PNV)
+    return head_stats(cfg, params, h_PSD[:, c - 1:], targets_PN, base_logits_PNV)
 
   out = jax.lax.map(stats, h_KPSD)
   out["sparsity"] = sparsity_K

@@ -366,3 +366,25 @@ def test_bfloat16_inputs_computed_in_float32():
   _assert_tree_close(stats, ref, rtol=1e-5, atol=1e-5)
   nll_sum, count = metrics.context_nll(logits_bf16, targets, ctx=2)
   assert nll_sum.dtype == jnp.float32 and count.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("vocab, chunk", [(1000, 256), (1024, 256), (999, 1000)])
+def test_fused_head_stats_equal_unfused(vocab, chunk):
+  """LM head fused with the statistics over vocab chunks (padding masked) equals
+  divergence_stats on the materialised logits; ties resolve to the lowest index."""
+  rng = np.random.default_rng(vocab)
+  x = rng.normal(size=(3, 5, 16)).astype(np.float32)
+  head = (rng.integers(-2, 3, size=(vocab, 16)) * 0.5).astype(np.float32)  # many exact ties
+  head[7] = head[700 % vocab]  # duplicate rows: exactly tied logits across chunks
+  logits = np.asarray(metrics.head_logits(jnp.asarray(x), jnp.asarray(head), vocab_chunk=chunk))
+  np.testing.assert_allclose(logits, np.einsum("bnd,vd->bnv", x, head), atol=1e-5)
+  targets = np.argmax(logits, -1).astype(np.int32)
+  targets[0, 2] = (targets[0, 2] + 1) % vocab
+  base = metrics.base_dist(jnp.asarray(logits + rng.normal(size=logits.shape).astype(np.float32)))
+  fused = metrics.head_divergence_stats(jnp.asarray(x), jnp.asarray(head), targets, base,
+                                        vocab_chunk=chunk)
+  plain = metrics.divergence_stats(logits, targets, base)
+  for key in ("fdt", "sdt", "top1_agree"):
+    np.testing.assert_array_equal(fused[key], plain[key])
+  for key in ("nll", "kl"):
+    np.testing.assert_allclose(fused[key], plain[key], rtol=1e-5, atol=1e-5)
