@@ -17,39 +17,40 @@ from dtm.model import Llama, head_matrix
 from dtm.model_config import ModelConfig
 
 
-def head_stats(cfg: ModelConfig, params, h_BND, targets_BN, base):
+def head_stats(cfg: ModelConfig, params, h_BND, targets_BN, base: metrics.HeadBase | None):
   """Final norm, then the LM head fused with `metrics.divergence_stats` over vocab chunks
-  (the [B, N, V] logits are never materialised). Shared with the evaluate path."""
+  (the [B, N, V] logits are never materialised). Shared with the probe path."""
   x = Llama(cfg).apply({"params": params}, h_BND, method=Llama.normed)
-  if base is not None and not isinstance(base, metrics.BaseDist):
-    base = metrics.base_dist(base)
   return metrics.head_divergence_stats(x, head_matrix(cfg, params), targets_BN, base,
                                        dtype=jnp.dtype(cfg.dtype))
 
 
-def final_logits(cfg: ModelConfig, params, h_BND):
-  """Base-model logits [B, N, V] (float32), bit-identical to what `head_stats` sees."""
+def final_base(cfg: ModelConfig, params, h_BND) -> metrics.HeadBase:
+  """The base model's `metrics.HeadBase` from its last residual stream [B, N, D], from
+  the same chunked logits `head_stats` computes."""
   x = Llama(cfg).apply({"params": params}, h_BND, method=Llama.normed)
-  return metrics.head_logits(x, head_matrix(cfg, params), dtype=jnp.dtype(cfg.dtype))
+  return metrics.head_base(x, head_matrix(cfg, params), dtype=jnp.dtype(cfg.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "c"))
-def continuation_logits(cfg: ModelConfig, params, seq_BS: jax.Array, c: int) -> jax.Array:
-  """Teacher-forced logits L'[c-1+j], j = 0..N-1, of s = p ⊕ y: float32 [B, N, V].
+def continuation_base(cfg: ModelConfig, params, seq_BS: jax.Array, c: int) -> metrics.HeadBase:
+  """The base model's distribution at the N continuation positions of s = p ⊕ y,
+  reduced against the LM head (`metrics.HeadBase`: [B, N] fields and p_head [B, N, D]).
 
-  seq_BS: int32 [B, c+N]. The LM head runs only at the N continuation positions
-  (the last token of s is never fed: its prediction is not needed).
+  seq_BS: int32 [B, c+N]. The last token of s is never fed (its prediction is not needed).
   """
   h, _ = Llama(cfg).apply({"params": params}, seq_BS[:, :-1], method=Llama.hidden)
-  return final_logits(cfg, params, h[:, c - 1:])
+  return final_base(cfg, params, h[:, c - 1:])
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "c"))
-def dtm_batch(cfg: ModelConfig, params, seq_BS: jax.Array, c: int, base_logits_BNV=None):
+def dtm_batch(cfg: ModelConfig, params, seq_BS: jax.Array, c: int,
+              base: metrics.HeadBase | None = None):
   """`metrics.divergence_stats` of F' (params) on s = p ⊕ y, one forward pass; the LM
-  head is fused with the statistics over vocabulary chunks (`probe.head_stats`)."""
+  head is fused with the statistics over vocabulary chunks (`head_stats`); KL and top-1
+  agreement against `base` (from `continuation_base`) when given."""
   h, _ = Llama(cfg).apply({"params": params}, seq_BS[:, :-1], method=Llama.hidden)
-  return head_stats(cfg, params, h[:, c - 1:], seq_BS[:, c:], base_logits_BNV)
+  return head_stats(cfg, params, h[:, c - 1:], seq_BS[:, c:], base)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -82,19 +83,21 @@ def generate_references(cfg: ModelConfig, params, prompts_PC: np.ndarray, num_ne
   return np.concatenate(out).astype(np.int32)
 
 
-def base_continuation_logits(cfg, params, seq_PS: np.ndarray, c: int, batch_size: int):
-  """Base-model logits at the continuation positions, kept on device: list of [B, N, V]."""
-  return [continuation_logits(cfg, params, jnp.asarray(_pad_rows(seq_PS[sl], batch_size)), c)
+def base_reference(cfg, params, seq_PS: np.ndarray, c: int, batch_size: int):
+  """The base model's `metrics.HeadBase` per batch, kept on device (D floats per
+  position instead of V logits)."""
+  return [continuation_base(cfg, params, jnp.asarray(_pad_rows(seq_PS[sl], batch_size)), c)
           for sl in _batches(len(seq_PS), batch_size)]
 
 
 def divergence(cfg: ModelConfig, params, seq_PS: np.ndarray, c: int, batch_size: int,
-               base_logits=None, desc: str = "teacher-forced") -> dict[str, np.ndarray]:
-  """Per-prompt `divergence_stats` of params on s = p ⊕ y, gathered to host."""
+               base=None, desc: str = "teacher-forced") -> dict[str, np.ndarray]:
+  """Per-prompt `divergence_stats` of params on s = p ⊕ y, gathered to host; `base` is
+  `base_reference`'s list (one `HeadBase` per batch) for KL / top-1."""
   parts = []
   for i, sl in enumerate(tqdm(list(_batches(len(seq_PS), batch_size)), desc=desc, unit="batch")):
     seq = jnp.asarray(_pad_rows(seq_PS[sl], batch_size))
-    stats = dtm_batch(cfg, params, seq, c, None if base_logits is None else base_logits[i])
+    stats = dtm_batch(cfg, params, seq, c, None if base is None else base[i])
     parts.append((sl.stop - sl.start, stats))
   host = jax.device_get(parts)  # one transfer at the end, no per-batch sync
   return {k: np.concatenate([s[k][:n] for n, s in host]) for k in host[0][1]}

@@ -11,6 +11,9 @@ bfloat16 inputs):
 
   * `divergence_stats`: one fused pass giving per-prompt FDT, SDT, per-token NLL
     and, when base logits are given, per-token KL(F‖F') and top-1 agreement.
+  * `head_divergence_stats`: the same, fused with the LM head over vocabulary
+    chunks (no [B, N, V] logits); KL against a `HeadBase` (`head_base`), the base
+    distribution reduced against the head to D floats per position.
   * `fdt_sdt_from_divergent`: FDT and SDT from a divergence mask.
   * `context_nll`: per-window NLL sum and count for context-aware perplexity.
 
@@ -163,11 +166,82 @@ def head_logits(x_BND: jax.Array, head_VD: jax.Array, *, vocab_chunk: int = 4096
   return out[..., :v]
 
 
+class HeadBase(NamedTuple):
+  """The base model's distribution p_F at the continuation positions, reduced against
+  the LM head W [V, D] so that a compressed model's KL needs no [B, N, V] tensor.
+  With base logits b = x @ W.T and F' logits l' = x' @ W.T (same head: probes compress
+  decoder layers only),
+
+    Σ_v p_F(v) (b_v − l'_v) = (x − x') · Σ_v p_F(v) W_v = (x − x') · p_head,
+
+  which is computed from the difference x − x', so it stays accurate when F' ≈ F.
+
+  Fields: max [B, N] and sum_exp [B, N] = Σ_v exp(b_v − max) (the log-normaliser is
+  lse_F = max + log sum_exp, kept in two parts so that lse' − lse_F is formed without
+  rounding either to a float of magnitude |b|); argmax [B, N] (first index of the max);
+  x [B, N, D] the base model's final-normed hidden states as the head sees them (cast
+  to the matmul dtype, stored float32); p_head [B, N, D] = Σ_v p_F(v) W_v (float32, W
+  cast to the matmul dtype first, so the identity holds for bf16 models too).
+  """
+  max: jax.Array
+  sum_exp: jax.Array
+  argmax: jax.Array
+  x: jax.Array
+  p_head: jax.Array
+
+  @property
+  def lse(self) -> jax.Array:
+    return self.max + jnp.log(self.sum_exp)
+
+
+def head_base(x_BND: jax.Array, head_VD: jax.Array, *, vocab_chunk: int = 4096,
+              dtype=jnp.float32) -> HeadBase:
+  """`HeadBase` of the base model from its final-normed hidden states x [B, N, D].
+
+  One pass over vocabulary chunks with online rescaling (Σ e^{b-m} and Σ e^{b-m} W are
+  rescaled whenever the running max m grows); the logits of each chunk are computed
+  exactly as `head_divergence_stats` computes them.
+  """
+  v = head_VD.shape[0]
+  w, vc = _vocab_chunks(head_VD, vocab_chunk, dtype)
+  x = x_BND.astype(dtype)
+  shape = x.shape[:-1]
+
+  def body(carry, c):
+    m, s, arg, ph = carry
+    logits, iota, _ = _masked_chunk_logits(x, c["w"], c["i"], vc, v)
+    cmax = jnp.max(logits, axis=-1)
+    carg = jnp.min(jnp.where(logits == cmax[..., None], iota, vc), axis=-1) + c["i"] * vc
+    new_m = jnp.maximum(m, cmax)
+    scale = jnp.exp(m - new_m)
+    e = jnp.exp(logits - new_m[..., None])  # 0 at the padding
+    s = s * scale + jnp.sum(e, axis=-1)
+    ph = ph * scale[..., None] + jnp.einsum(
+        "bnv,vd->bnd", e, c["w"].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    arg = jnp.where(cmax > m, carg, arg)
+    return (new_m, s, arg, ph), None
+
+  zeros = jnp.zeros(shape, jnp.float32)
+  init = (jnp.full(shape, -jnp.inf), zeros, jnp.zeros(shape, jnp.int32),
+          jnp.zeros(x.shape, jnp.float32))
+  xs = {"w": w, "i": jnp.arange(w.shape[0], dtype=jnp.int32)}
+  (m, s, arg, ph), _ = jax.lax.scan(body, init, xs)
+  return HeadBase(m, s, arg, x.astype(jnp.float32), ph / s[..., None])
+
+
+def _masked_chunk_logits(x_BND, w_vD, i, vc: int, v: int):
+  """Logits of vocabulary chunk i (padding -> -inf), the in-chunk index and validity."""
+  logits = _chunk_logits(x_BND, w_vD)
+  iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  valid = iota + i * vc < v
+  return jnp.where(valid, logits, -jnp.inf), iota, valid
+
+
 def head_divergence_stats(
     x_BND: jax.Array,
     head_VD: jax.Array,
     targets_BN: jax.Array,
-    base: BaseDist | None = None,
+    base: HeadBase | None = None,
     *,
     vocab_chunk: int = 4096,
     dtype=jnp.float32,
@@ -179,34 +253,25 @@ def head_divergence_stats(
   flash attention; argmax keeps the first maximum across chunks), so the [B, N, V]
   logits are never written to memory. Same definitions and outputs as
   `divergence_stats`; the log-normaliser's summation order differs (≈1e-6 relative).
+  KL(F‖F') = Σ_v p_F(b_v − l'_v) − lse_F + lse' with Σ_v p_F(b_v − l'_v) =
+  (x − x') · p_head from the `HeadBase` (a D-length dot product, not a pass over V).
 
   Args:
     x_BND: final-normed hidden states at the continuation positions [B, N, D].
     head_VD: LM head [V, D] (`dtm.model.head_matrix`).
-    targets_BN: y [B, N]; base: optional `BaseDist` of the base model.
+    targets_BN: y [B, N]; base: optional `HeadBase` of the base model (same head).
     vocab_chunk: logits per chunk; V is padded to a multiple (padding masked out).
     dtype: matmul input dtype (accumulation is float32).
   """
   v = head_VD.shape[0]
   w, vc = _vocab_chunks(head_VD, vocab_chunk, dtype)
-  nc, pad = w.shape[0], w.shape[0] * vc - v
   x = x_BND.astype(dtype)
   targets_BN = jnp.asarray(targets_BN).astype(jnp.int32)
   shape = targets_BN.shape
 
-  def chunked(a_BNV):  # [B, N, V] -> [nc, B, N, vc]
-    a = jnp.pad(a_BNV, [(0, 0)] * (a_BNV.ndim - 1) + [(0, pad)])
-    return jnp.moveaxis(a.reshape(*shape, nc, vc), -2, 0)
-
-  xs = {"w": w, "i": jnp.arange(nc, dtype=jnp.int32)}
-  if base is not None:
-    xs["b"], xs["p"] = chunked(base.logits), chunked(base.p)
-
   def body(carry, c):
-    m, s, arg, ty, cross = carry
-    logits = _chunk_logits(x, c["w"])
-    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    logits = jnp.where(iota + c["i"] * vc < v, logits, -jnp.inf)
+    m, s, arg, ty = carry
+    logits, iota, _ = _masked_chunk_logits(x, c["w"], c["i"], vc, v)
     cmax = jnp.max(logits, axis=-1)
     carg = jnp.min(jnp.where(logits == cmax[..., None], iota, vc), axis=-1) + c["i"] * vc
     new_m = jnp.maximum(m, cmax)
@@ -215,18 +280,18 @@ def head_divergence_stats(
     local = targets_BN - c["i"] * vc
     inside = (local >= 0) & (local < vc)
     ty = jnp.where(inside, _gather_last(logits, jnp.clip(local, 0, vc - 1)), ty)
-    if base is not None:
-      cross = cross + jnp.sum(jnp.where(c["p"] > 0, c["p"] * (c["b"] - logits), 0.0), axis=-1)
-    return (new_m, s, arg, ty, cross), None
+    return (new_m, s, arg, ty), None
 
   zeros = jnp.zeros(shape, jnp.float32)
-  init = (jnp.full(shape, -jnp.inf), zeros, jnp.zeros(shape, jnp.int32), zeros, zeros)
-  (m, s, pred_BN, target_logit, cross), _ = jax.lax.scan(body, init, xs)
+  init = (jnp.full(shape, -jnp.inf), zeros, jnp.zeros(shape, jnp.int32), zeros)
+  xs = {"w": w, "i": jnp.arange(w.shape[0], dtype=jnp.int32)}
+  (m, s, pred_BN, target_logit), _ = jax.lax.scan(body, init, xs)
   lse_BN = m + jnp.log(s)
   fdt_B, sdt_B = fdt_sdt_from_divergent(pred_BN != targets_BN)
   out = {"fdt": fdt_B, "sdt": sdt_B, "nll": lse_BN - target_logit}
   if base is not None:
-    out["kl"] = cross + (lse_BN - base.lse)
+    cross = jnp.sum((base.x - x.astype(jnp.float32)) * base.p_head, axis=-1)
+    out["kl"] = cross + ((m - base.max) + jnp.log(s / base.sum_exp))  # + lse' − lse_F
     out["top1_agree"] = pred_BN == base.argmax
   return out
 

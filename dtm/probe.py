@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 
-from dtm import compress, metrics
+from dtm import compress
 from dtm.components import Component, kernel_path
-from dtm.evaluation import final_logits, head_stats
+from dtm.evaluation import final_base, head_stats
 from dtm.model import Llama, apply_layer
 from dtm.model_config import ModelConfig
 
@@ -82,7 +82,7 @@ def _index_layer(params, i):
 @functools.partial(jax.jit, static_argnames=("cfg", "c"))
 def base_pass(cfg: ModelConfig, params, seq_PS: jax.Array, c: int):
   """Residual stream at the input of every layer, h_in [L, P, S, D], and the base
-  logits at the continuation positions [P, N, V] (for KL / top-1)."""
+  model's `metrics.HeadBase` at the continuation positions (for KL / top-1)."""
   tokens = seq_PS[:, :-1]
   positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
   h = Llama(cfg).apply({"params": params}, tokens, method=lambda m, t: m.embed(t))
@@ -91,7 +91,7 @@ def base_pass(cfg: ModelConfig, params, seq_PS: jax.Array, c: int):
     return apply_layer(cfg, lp, h, positions), h
 
   h_last, h_in = jax.lax.scan(step, h, params["layers"])
-  return h_in, final_logits(cfg, params, h_last[:, c - 1:])
+  return h_in, final_base(cfg, params, h_last[:, c - 1:])
 
 
 # ----------------------------------------------------------------------------- compression
@@ -136,14 +136,14 @@ def _replace_kernel(lp, kind: str, kernel):
 # ----------------------------------------------------------------------------- chunk
 
 def probe_chunk(cfg: ModelConfig, params, h_in_LPSD, layer, args_K, targets_PN,
-                base_logits_PNV, *, kind: str, family: MethodFamily, c: int):
+                base, *, kind: str, family: MethodFamily, c: int):
   """Stats of K probes on component (layer, kind), levels given by args_K [K] (f32).
 
   h_in_LPSD: base residual stream at the input of every layer [L, P, S, D] (indexed
   here, inside the compiled call, so no per-layer slice is compiled); layer: int32 scalar
-  (traced); targets_PN = y; base_logits_PNV: optional base logits or `metrics.BaseDist`. Returns a dict of [K, P(, N)]
-  arrays (`metrics.divergence_stats`) plus 'sparsity' [K]: fraction of zeros in the
-  compressed kernel.
+  (traced); targets_PN = y; base: optional `metrics.HeadBase` (KL / top-1). Returns a
+  dict of [K, P(, N)] arrays (`metrics.divergence_stats`) plus 'sparsity' [K]: fraction
+  of zeros in the compressed kernel.
   """
   h_in_PSD = jax.lax.dynamic_index_in_dim(h_in_LPSD, layer, keepdims=False)
   p, s, d = h_in_PSD.shape
@@ -164,7 +164,7 @@ def probe_chunk(cfg: ModelConfig, params, h_in_LPSD, layer, args_K, targets_PN,
   h_KPSD = h.reshape(k, p, s, d)
 
   def stats(h_PSD):
-    return head_stats(cfg, params, h_PSD[:, c - 1:], targets_PN, base_logits_PNV)
+    return head_stats(cfg, params, h_PSD[:, c - 1:], targets_PN, base)
 
   out = jax.lax.map(stats, h_KPSD)
   out["sparsity"] = sparsity_K
@@ -180,8 +180,8 @@ class ProbeRunner:
     self.num_devices = mesh.devices.size
     rep = NamedSharding(mesh, PS())
     seq = jax.device_put(jnp.asarray(seq_PS), rep)
-    self.h_in, base_logits = base_pass(cfg, params, seq, c)
-    self.base = metrics.base_dist(base_logits) if kl else None
+    self.h_in, base = base_pass(cfg, params, seq, c)
+    self.base = base if kl else None
     self.targets = seq[:, c:]
     self._fns = {}
 

@@ -371,7 +371,8 @@ def test_bfloat16_inputs_computed_in_float32():
 @pytest.mark.parametrize("vocab, chunk", [(1000, 256), (1024, 256), (999, 1000)])
 def test_fused_head_stats_equal_unfused(vocab, chunk):
   """LM head fused with the statistics over vocab chunks (padding masked) equals
-  divergence_stats on the materialised logits; ties resolve to the lowest index."""
+  divergence_stats on the materialised logits; ties resolve to the lowest index; the
+  KL through the head-reduced base (HeadBase) equals the KL over all V logits."""
   rng = np.random.default_rng(vocab)
   x = rng.normal(size=(3, 5, 16)).astype(np.float32)
   head = (rng.integers(-2, 3, size=(vocab, 16)) * 0.5).astype(np.float32)  # many exact ties
@@ -380,11 +381,47 @@ def test_fused_head_stats_equal_unfused(vocab, chunk):
   np.testing.assert_allclose(logits, np.einsum("bnd,vd->bnv", x, head), atol=1e-5)
   targets = np.argmax(logits, -1).astype(np.int32)
   targets[0, 2] = (targets[0, 2] + 1) % vocab
-  base = metrics.base_dist(jnp.asarray(logits + rng.normal(size=logits.shape).astype(np.float32)))
+  x_base = x + 0.3 * rng.normal(size=x.shape).astype(np.float32)  # the "base model"
+  base_logits = np.einsum("bnd,vd->bnv", x_base, head)
+  base = metrics.head_base(jnp.asarray(x_base), jnp.asarray(head), vocab_chunk=chunk)
   fused = metrics.head_divergence_stats(jnp.asarray(x), jnp.asarray(head), targets, base,
                                         vocab_chunk=chunk)
-  plain = metrics.divergence_stats(logits, targets, base)
+  plain = metrics.divergence_stats(logits, targets, base_logits)
   for key in ("fdt", "sdt", "top1_agree"):
     np.testing.assert_array_equal(fused[key], plain[key])
   for key in ("nll", "kl"):
     np.testing.assert_allclose(fused[key], plain[key], rtol=1e-5, atol=1e-5)
+  assert float(np.min(plain["kl"])) > 1e-3  # the KL check is not vacuous
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_head_base_matches_numpy(dtype):
+  """HeadBase fields against float64 numpy on the (dtype-rounded) head: lse, argmax,
+  x and Σ p W; and the same model against itself gives KL = 0."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 4, 24)).astype(np.float32)
+  head = rng.normal(size=(777, 24)).astype(np.float32)
+  base = metrics.head_base(jnp.asarray(x), jnp.asarray(head), vocab_chunk=100, dtype=dtype)
+  xr = np.asarray(jnp.asarray(x).astype(dtype).astype(jnp.float32), np.float64)
+  hr = np.asarray(jnp.asarray(head).astype(dtype).astype(jnp.float32), np.float64)
+  b = np.einsum("bnd,vd->bnv", xr, hr)
+  lse = np.log(np.sum(np.exp(b - b.max(-1, keepdims=True)), -1)) + b.max(-1)
+  p = np.exp(b - lse[..., None])
+  np.testing.assert_allclose(base.lse, lse, rtol=1e-5)
+  np.testing.assert_array_equal(base.argmax, np.argmax(b, -1))
+  np.testing.assert_array_equal(base.x, xr.astype(np.float32))
+  np.testing.assert_allclose(base.p_head, np.einsum("bnv,vd->bnd", p, hr), rtol=1e-4, atol=1e-5)
+  same = metrics.head_divergence_stats(jnp.asarray(x), jnp.asarray(head), base.argmax, base,
+                                       vocab_chunk=100, dtype=dtype)
+  np.testing.assert_allclose(same["kl"], 0.0, atol=1e-6)
+  if dtype == jnp.float32:  # F' ≈ F: a small KL against a float64 oracle; the residual
+    # error (~1e-6 nats) is that of the float32 logits themselves (through lse' − lse_F)
+    x2 = x + 1e-2 * rng.normal(size=x.shape).astype(np.float32)
+    near = metrics.head_divergence_stats(jnp.asarray(x2), jnp.asarray(head), base.argmax, base,
+                                         vocab_chunk=100)
+    l2 = np.einsum("bnd,vd->bnv", np.asarray(x2, np.float64), hr)
+    lse2 = np.log(np.sum(np.exp(l2 - l2.max(-1, keepdims=True)), -1)) + l2.max(-1)
+    kl = np.sum(p * ((b - lse[..., None]) - (l2 - lse2[..., None])), -1)
+    assert 1e-5 < kl.min() and kl.max() < 1e-2
+    np.testing.assert_allclose(near["kl"], kl, rtol=1e-2, atol=2e-6)
+  assert bool(np.all(same["top1_agree"])) and np.all(same["fdt"] == 4)

@@ -86,14 +86,14 @@ def test_probes_equal_evaluate_path(smollm2, smollm2_seq):
       dispatched.append((comp, methods, runner.run(comp, family, args)))
   host = jax.device_get([out for _, _, out in dispatched])
 
-  base = evaluation.base_continuation_logits(cfg, params, seq, C, P)
+  base = evaluation.base_reference(cfg, params, seq, C, P)
   failures, num_probes, diverged = [], 0, 0
   for (comp, methods, _), out in zip(dispatched, host):
     for i, method in enumerate(methods):
       num_probes += 1
       spec = f"{comp.kind}@{comp.layer}:{method.to_string()}"
       params_c, report = compress.apply_spec(params, spec)
-      ev = evaluation.divergence(cfg, params_c, seq, C, batch_size=P, base_logits=base)
+      ev = evaluation.divergence(cfg, params_c, seq, C, batch_size=P, base=base)
       got = {k: np.asarray(v[i]) for k, v in out.items()}
       diverged += int(np.sum(ev["fdt"] < N))
       checks = {

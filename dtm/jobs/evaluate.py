@@ -36,11 +36,10 @@ def run(config, workdir: str) -> dict:
   y = common.references(config, model, ev.prompts, workdir)
   seq = np.concatenate([ev.prompts, y], axis=1)
   bs = config.prompts.batch_size
-  base_logits = (evaluation.base_continuation_logits(cfg, model.params, seq, c, bs)
-                 if config.kl else None)
+  base = evaluation.base_reference(cfg, model.params, seq, c, bs) if config.kl else None
   params_c, report = compress.apply_spec(model.params, spec)
-  per_prompt = evaluation.divergence(cfg, params_c, seq, c, bs, base_logits)
-  del base_logits
+  per_prompt = evaluation.divergence(cfg, params_c, seq, c, bs, base)
+  del base
   agg = metrics.aggregate(per_prompt, tuple(config.alphas))
   ppl = {}
   if ev.ppl is not None:
