@@ -58,11 +58,12 @@ def rope_inv_freq(cfg: ModelConfig) -> Array:
   return jnp.where(medium, smoothed, scaled)
 
 
-def apply_rope(x_BTHK: Array, positions_T: Array, inv_freq: Array) -> Array:
-  """Rotate x by its absolute positions (HF rotate-half convention), in float32."""
+def apply_rope(x_BTHK: Array, positions_T: Array, inv_freq: Array, scale: float = 1.0) -> Array:
+  """Rotate x by its absolute positions (HF rotate-half convention), in float32;
+  optionally times `scale` (folded into cos/sin)."""
   freqs_TK2 = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
-  cos = jnp.cos(freqs_TK2)[None, :, None, :]
-  sin = jnp.sin(freqs_TK2)[None, :, None, :]
+  cos = jnp.cos(freqs_TK2)[None, :, None, :] * scale
+  sin = jnp.sin(freqs_TK2)[None, :, None, :] * scale
   x = x_BTHK.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -104,9 +105,12 @@ class Linear(nn.Module):
 class Attention(nn.Module):
   """Grouped-query causal self-attention with an optional KV cache.
 
-  Query head h uses key/value head h // G (HF `repeat_kv` order).
+  Query head h uses key/value head h // G (HF `repeat_kv` order). With `query_start`
+  q (no cache), keys and values come from all T positions but only rows q.. are
+  queried: the output is [B, T - q, Hq*K] (a last layer whose earlier rows nobody reads).
   """
   cfg: ModelConfig
+  query_start: int = 0
 
   @nn.compact
   def __call__(self, x_BTD: Array, positions_T: Array, cache: tuple[Array, Array] | None,
@@ -114,12 +118,15 @@ class Attention(nn.Module):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     hq, hkv, kd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    b, t, _ = x_BTD.shape
-    q = Linear(hq * kd, dt, pdt, name="q")(x_BTD).reshape(b, t, hq, kd)
-    k = Linear(hkv * kd, dt, pdt, name="k")(x_BTD).reshape(b, t, hkv, kd)
-    v = Linear(hkv * kd, dt, pdt, name="v")(x_BTD).reshape(b, t, hkv, kd)
+    qs = self.query_start
+    x_q, pos_q = x_BTD[:, qs:], positions_T[qs:]
+    b, t, _ = x_q.shape
+    q = Linear(hq * kd, dt, pdt, name="q")(x_q).reshape(b, t, hq, kd)
+    k = Linear(hkv * kd, dt, pdt, name="k")(x_BTD).reshape(b, -1, hkv, kd)
+    v = Linear(hkv * kd, dt, pdt, name="v")(x_BTD).reshape(b, -1, hkv, kd)
     inv_freq = rope_inv_freq(cfg)
-    q = apply_rope(q, positions_T, inv_freq)
+    # 1/sqrt(K) is folded into q (a power of two for K = 64/128: exact).
+    q = apply_rope(q, pos_q, inv_freq, scale=1.0 / math.sqrt(kd))
     k = apply_rope(k, positions_T, inv_freq)
     if cache is not None:
       k_cache, v_cache = cache
@@ -134,13 +141,17 @@ class Attention(nn.Module):
     q_BkMK = q.reshape(b, t, hkv, g, kd).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, kd)
     k_BkSK = k.astype(dt).transpose(0, 2, 1, 3)
     v_BkSK = v.astype(dt).transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bkmd,bksd->bkms", q_BkMK, k_BkSK,
-                        preferred_element_type=jnp.float32) / math.sqrt(kd)
-    mask_TS = jnp.arange(s)[None, :] <= positions_T[:, None]
-    scores = jnp.where(mask_TS, scores.reshape(b, hkv, g, t, s), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, hkv, g * t, s)
-    out = jnp.einsum("bkms,bksd->bkmd", probs, v_BkSK, preferred_element_type=jnp.float32)
-    out = out.astype(dt).reshape(b, hkv, g, t, kd).transpose(0, 3, 1, 2, 4).reshape(b, t, hq * kd)
+    scores = jnp.einsum("bkmd,bksd->bkms", q_BkMK, k_BkSK, preferred_element_type=jnp.float32)
+    # Causal mask as an additive bias (key index = absolute position in the cache layout);
+    # softmax normalisation is applied after the PV matmul (on K values, not S scores).
+    bias_TS = jnp.where(jnp.arange(s)[None, :] <= pos_q[:, None], 0.0, -jnp.inf)
+    scores = scores.reshape(b, hkv, g, t, s) + bias_TS
+    unnorm = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    denom = jnp.sum(unnorm, axis=-1, keepdims=True)
+    out = jnp.einsum("bkms,bksd->bkmd", unnorm.astype(dt).reshape(b, hkv, g * t, s), v_BkSK,
+                     preferred_element_type=jnp.float32)
+    out = (out.reshape(b, hkv, g, t, kd) / denom).astype(dt)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq * kd)
     return Linear(cfg.hidden_size, dt, pdt, name="o")(out), new_cache
 
 
@@ -158,8 +169,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm decoder layer. Called by nn.scan as (carry, per-layer input, broadcast)."""
+  """Pre-norm decoder layer. Called by nn.scan as (carry, per-layer input, broadcast).
+
+  With `query_start` q (no cache) only rows q.. are computed past the K/V projections:
+  h [B, T, D] -> [B, T - q, D] (`Attention.query_start`).
+  """
   cfg: ModelConfig
+  query_start: int = 0
 
   @nn.compact
   def __call__(self, h_BTD: Array, cache: tuple[Array, Array] | None, aux: tuple[Array, Any]):
@@ -167,8 +183,9 @@ class DecoderLayer(nn.Module):
     positions_T, cache_index = aux
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_norm")(h_BTD)
-    attn_out, new_cache = Attention(cfg, name="attn")(x, positions_T, cache, cache_index)
-    h_BTD = h_BTD + attn_out
+    attn_out, new_cache = Attention(cfg, self.query_start, name="attn")(
+        x, positions_T, cache, cache_index)
+    h_BTD = h_BTD[:, self.query_start:] + attn_out
     x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="mlp_norm")(h_BTD)
     h_BTD = h_BTD + MLP(cfg, name="mlp")(x)
     return h_BTD, new_cache
@@ -247,9 +264,12 @@ def abstract_params(cfg: ModelConfig):
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"]
 
 
-def apply_layer(cfg: ModelConfig, params_layer, h_BTD: Array, positions_T: Array) -> Array:
-  """One decoder layer without cache: h [B, T, D] -> [B, T, D] (params without the L axis)."""
-  out, _ = DecoderLayer(cfg).apply({"params": params_layer}, h_BTD, None, (positions_T, None))
+def apply_layer(cfg: ModelConfig, params_layer, h_BTD: Array, positions_T: Array,
+                query_start: int = 0) -> Array:
+  """One decoder layer without cache: h [B, T, D] -> [B, T - query_start, D] (params
+  without the L axis); rows before `query_start` only provide keys and values."""
+  out, _ = DecoderLayer(cfg, query_start).apply({"params": params_layer}, h_BTD, None,
+                                                (positions_T, None))
   return out
 
 

@@ -10,9 +10,11 @@ All probes of one component form a *chunk* evaluated by one jitted call:
     counting passes over |w| (`compress.magnitude_cut`, exact, no sort);
     AbsMax and N:M are computed per probe from the weight (`compress.absmax_values`,
     `compress.nm_rank`); no copy of the model is built per probe;
-  * layers l+1..L-1 run with the base weights on all K·P sequences at once, in a
+  * layers l+1..L-2 run with the base weights on all K·P sequences at once, in a
     `lax.fori_loop` with a traced start layer (one compile per kind and method);
-  * the LM head runs only at the N continuation positions, one probe at a time.
+  * the last layer computes keys/values at all positions but everything else (queries,
+    attention output, MLP) only at the N continuation rows, and the LM head runs only
+    there, one probe at a time.
 
 The probe axis K is sharded over a 1-D device mesh ('probe'); every other input is
 replicated. Results are per-probe, per-prompt `metrics.divergence_stats`.
@@ -148,25 +150,37 @@ def probe_chunk(cfg: ModelConfig, params, h_in_LPSD, layer, args_K, targets_PN,
   h_in_PSD = jax.lax.dynamic_index_in_dim(h_in_LPSD, layer, keepdims=False)
   p, s, d = h_in_PSD.shape
   k = args_K.shape[0]
+  last = cfg.num_layers - 1
   positions = jnp.arange(s, dtype=jnp.int32)
   lp = _index_layer(params, layer)
   kernel = lp[kernel_path(kind)[1]][kind]["kernel"]
   prep = _prepare(kernel, family)
 
-  def first_layer(arg):
-    w = _compress_kernel(kernel, family, arg, prep)
-    return apply_layer(cfg, _replace_kernel(lp, kind, w), h_in_PSD, positions), jnp.mean(w == 0)
+  def compressed_layer(query_start):
+    def one(arg):
+      w = _compress_kernel(kernel, family, arg, prep)
+      h = apply_layer(cfg, _replace_kernel(lp, kind, w), h_in_PSD, positions, query_start)
+      return h, jnp.mean(w == 0)
+    return jax.vmap(one)(args_K)  # [K, P, S', D], [K]
 
-  h_KPSD, sparsity_K = jax.vmap(first_layer)(args_K)
-  h = h_KPSD.reshape(k * p, s, d)
-  h = jax.lax.fori_loop(layer + 1, cfg.num_layers,
-                        lambda i, h: apply_layer(cfg, _index_layer(params, i), h, positions), h)
-  h_KPSD = h.reshape(k, p, s, d)
+  def probed_last():  # the probed layer is the model's last: only its N query rows
+    return compressed_layer(c - 1)
 
-  def stats(h_PSD):
-    return head_stats(cfg, params, h_PSD[:, c - 1:], targets_PN, base)
+  def probed_earlier():  # layers l+1..L-2 on all rows, then the last layer's N rows
+    h_KPSD, sparsity_K = compressed_layer(0)
+    h = jax.lax.fori_loop(
+        layer + 1, last,
+        lambda i, h: apply_layer(cfg, _index_layer(params, i), h, positions),
+        h_KPSD.reshape(k * p, s, d))
+    h = apply_layer(cfg, _index_layer(params, last), h, positions, c - 1)
+    return h.reshape(k, p, s - c + 1, d), sparsity_K
 
-  out = jax.lax.map(stats, h_KPSD)
+  h_KPND, sparsity_K = jax.lax.cond(layer == last, probed_last, probed_earlier)
+
+  def stats(h_PND):
+    return head_stats(cfg, params, h_PND, targets_PN, base)
+
+  out = jax.lax.map(stats, h_KPND)
   out["sparsity"] = sparsity_K
   return out
 
@@ -213,11 +227,15 @@ def probe_mesh(devices=None) -> Mesh:
 
 
 def useful_flops(cfg: ModelConfig, layer: int, p: int, s: int, n: int) -> float:
-  """Matmul FLOPs a probe on `layer` must compute: layers layer..L-1 on all P·S positions
-  (projections + attention scores/values, causal half) + the LM head at P·N positions."""
+  """Matmul FLOPs a probe on `layer` must compute: layers layer..L-2 on all P·S positions
+  (projections + attention scores/values over the causal triangle), the last layer's
+  keys/values at all S positions and the rest at the N continuation rows, and the LM
+  head at P·N positions."""
   d, f = cfg.hidden_size, cfg.intermediate_size
   hq, hkv, kd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-  per_token = 2 * (d * hq * kd + 2 * d * hkv * kd + hq * kd * d + 3 * d * f)
-  attn = 2 * 2 * hq * kd * (s * (s + 1) / 2)  # QK^T and PV over the causal triangle
-  per_layer = p * (s * per_token + attn)
-  return (cfg.num_layers - layer) * per_layer + p * n * 2 * d * cfg.vocab_size
+  kv = 2 * 2 * d * hkv * kd
+  rest = 2 * (d * hq * kd + hq * kd * d + 3 * d * f)
+  full_layer = p * (s * (kv + rest) + 2 * 2 * hq * kd * (s * (s + 1) / 2))
+  last_layer = p * (s * kv + n * rest  # query rows c-1..S-1 see c..S keys
+                    + 2 * 2 * hq * kd * sum(s - n + 1 + j for j in range(n)))
+  return (cfg.num_layers - 1 - layer) * full_layer + last_layer + p * n * 2 * d * cfg.vocab_size

@@ -10,7 +10,7 @@ from conftest import torch_or_skip
 from dtm import convert
 from dtm.generate import greedy_generate
 from dtm.loading import load_model
-from dtm.model import KVCache, Llama, init_params
+from dtm.model import KVCache, Llama, apply_layer, init_params
 from dtm.model_config import ModelConfig
 import hf_utils
 
@@ -90,6 +90,22 @@ def test_kv_cache_decoding_equals_full_forward():
     lg, cache = model.apply({"params": params}, seq[:, i:i + 1], cache, i)
     steps.append(lg)
   np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("query_start", [0, 1, 6, 10])
+def test_layer_query_rows_equal_full_layer_rows(query_start):
+  """apply_layer with query_start q (keys/values from all rows, queries from rows q..)
+  equals rows q.. of the full layer (the probe's last layer uses it at the N rows)."""
+  cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+  params = init_params(cfg, seed=5)
+  lp = jax.tree.map(lambda x: x[1], params["layers"])
+  h = jax.random.normal(jax.random.PRNGKey(1), (3, 11, 32))
+  positions = jnp.arange(11, dtype=jnp.int32)
+  full = apply_layer(cfg, lp, h, positions)
+  part = apply_layer(cfg, lp, h, positions, query_start)
+  assert part.shape == (3, 11 - query_start, 32)
+  np.testing.assert_allclose(part, full[:, query_start:], rtol=1e-6, atol=1e-6)
 
 
 def test_bfloat16_params_run():
