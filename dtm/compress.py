@@ -464,25 +464,32 @@ def magnitude_cut(abs_w: jax.Array, flat_index: jax.Array, k) -> tuple[jax.Array
   (v_bits, last) such that the first k weights in that order are exactly those with
   bits(|w|) < v_bits, or bits(|w|) == v_bits and flat_index <= last. Non-negative
   floats order like their int32 bit patterns, so two binary searches of counting
-  passes (31 over values, 32 over indices) replace an O(n log n) sort that is slow
-  on CPU; the result equals `prune_rank(w) < k` exactly.
+  passes (31 over values; over indices only when just some of the ties at the k-th
+  value are pruned) replace an O(n log n) sort that is slow on CPU; the result equals
+  `prune_rank(w) < k` exactly.
   """
   bits = jax.lax.bitcast_convert_type(abs_w.astype(jnp.float32), jnp.int32)
   k = jnp.asarray(k, jnp.int32)
 
-  def search(count_le, lo, hi, steps):
-    # smallest t in [lo, hi] with count_le(t) >= k' (count_le non-decreasing in t)
-    def body(_, lohi):
+  def search(count_ge, lo, hi):
+    # smallest t in [lo, hi] with count_ge(t) true (non-decreasing in t); a while loop,
+    # so an empty range (lo == hi) costs no pass
+    def body(lohi):
       lo, hi = lohi
       mid = lo + (hi - lo) // 2
-      ok = count_le(mid)
+      ok = count_ge(mid)
       return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
-    return jax.lax.fori_loop(0, steps, body, (jnp.int32(lo), jnp.int32(hi)))[0]
+    return jax.lax.while_loop(lambda lohi: lohi[0] < lohi[1], body,
+                              (jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)))[0]
 
-  v = search(lambda t: jnp.sum(bits <= t, dtype=jnp.int32) >= k, 0, 0x7F800000, 31)
+  v = search(lambda t: jnp.sum(bits <= t, dtype=jnp.int32) >= k, 0, 0x7F800000)
+  ties = bits == v
   need = k - jnp.sum(bits < v, dtype=jnp.int32)  # how many ties at v are pruned
-  last = search(lambda j: jnp.sum((bits == v) & (flat_index <= j), dtype=jnp.int32) >= need,
-                0, 2**31 - 2, 32)
+  # Usually every tie at v is pruned (often there is just one): then no index search.
+  all_ties = need >= jnp.sum(ties, dtype=jnp.int32)
+  top = jnp.max(flat_index)
+  last = search(lambda j: jnp.sum(ties & (flat_index <= j), dtype=jnp.int32) >= need,
+                jnp.where(all_ties, top, 0), top)
   return v, last
 
 
