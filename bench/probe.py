@@ -5,8 +5,11 @@ x kinds q and down, magnitude 50%) for every contender, in one run:
   * dtm: the vmapped, prefix-reusing sweep (`dtm.probe.ProbeRunner`), after compile;
   * torch (a): prune one component, batched `generate(do_sample=False)`, FDT by comparison;
   * torch (b): prune one component, one batched teacher-forced forward pass.
-Prints seconds per probe, ratios, the sweep's useful GFLOP/s (layers l..L-1 at all
-positions + LM head at the N positions) and a 2048^3 float32 matmul's GFLOP/s.
+Prints seconds per probe (median of --repeats passes over the 14 probes, for every
+contender: this shared 2-core machine's speed drifts by ~10% between minutes), ratios,
+the sweep's useful GFLOP/s (`probe.useful_flops`: layers l..L-2 at all positions, the
+last layer's queries/MLP at the N positions, the LM head at the N positions) and a
+2048^3 float32 matmul's GFLOP/s.
 `--full` also times the full 210-component sweep (one level) through the probe job.
 
   python bench/probe.py [--full] [--dtype bfloat16]
@@ -34,7 +37,7 @@ KINDS = ("q", "down")
 P, C, N, RATE = 16, 64, 32, 0.5
 
 
-def dtm_sweep(m, seq, probes):
+def dtm_sweep(m, seq, probes, repeats: int):
   runner = probe.ProbeRunner(m.cfg, m.params, seq, C, probe.probe_mesh())
   jax.block_until_ready(runner.h_in)
   family = probe.MethodFamily("magnitude")
@@ -47,13 +50,16 @@ def dtm_sweep(m, seq, probes):
   for kind in KINDS:  # compile once per kind
     jax.block_until_ready(runner.run(Component(LAYERS[0], kind), family, [arg(Component(0, kind))]))
   compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  outs = [runner.run(c, family, [arg(c)]) for c in probes]
-  fdt = np.stack([np.asarray(o["fdt"][0]) for o in jax.device_get(outs)])
-  return (time.perf_counter() - t0) / len(probes), compile_s, fdt
+  times = []
+  for _ in range(repeats):  # each repeat: all 14 probes dispatched, then gathered
+    t0 = time.perf_counter()
+    outs = [runner.run(c, family, [arg(c)]) for c in probes]
+    fdt = np.stack([np.asarray(o["fdt"][0]) for o in jax.device_get(outs)])
+    times.append((time.perf_counter() - t0) / len(probes))
+  return float(np.median(times)), compile_s, fdt
 
 
-def torch_loops(m, prompts, y, probes, dtype: str):
+def torch_loops(m, prompts, y, probes, dtype: str, repeats: int):
   import torch
   from transformers import LlamaForCausalLM
   from dtm import gguf_io
@@ -75,26 +81,31 @@ def torch_loops(m, prompts, y, probes, dtype: str):
     out[order[:compress.num_pruned(RATE, flat.numel())]] = 0
     return out.reshape(w.shape)
 
-  t_gen = t_tf = 0.0
-  fdt_gen, fdt_tf = [], []
+  t_gen, t_tf = [], []
   with torch.no_grad():
-    for comp in probes:
-      mod = module(comp)
-      orig = mod.weight.data.clone()
-      mod.weight.data = pruned(orig)
-      t = time.perf_counter()
-      out = hf.generate(p, attention_mask=torch.ones_like(p), do_sample=False, max_new_tokens=N,
-                        min_new_tokens=N, pad_token_id=0, eos_token_id=None)
-      t_gen += time.perf_counter() - t
-      div = (out[:, C:].numpy() != y)
-      fdt_gen.append(np.where(div.any(1), div.argmax(1), N))
-      t = time.perf_counter()
-      logits = hf(seq[:, :-1]).logits[:, C - 1:]
-      t_tf += time.perf_counter() - t
-      div = (logits.argmax(-1).numpy() != y)
-      fdt_tf.append(np.where(div.any(1), div.argmax(1), N))
-      mod.weight.data = orig
-  return t_gen / len(probes), t_tf / len(probes), np.stack(fdt_gen), np.stack(fdt_tf)
+    for _ in range(repeats):
+      t_gen.append(0.0)
+      t_tf.append(0.0)
+      fdt_gen, fdt_tf = [], []
+      for comp in probes:
+        mod = module(comp)
+        orig = mod.weight.data.clone()
+        mod.weight.data = pruned(orig)
+        t = time.perf_counter()
+        out = hf.generate(p, attention_mask=torch.ones_like(p), do_sample=False,
+                          max_new_tokens=N, min_new_tokens=N, pad_token_id=0, eos_token_id=None)
+        t_gen[-1] += time.perf_counter() - t
+        div = (out[:, C:].numpy() != y)
+        fdt_gen.append(np.where(div.any(1), div.argmax(1), N))
+        t = time.perf_counter()
+        logits = hf(seq[:, :-1]).logits[:, C - 1:]
+        t_tf[-1] += time.perf_counter() - t
+        div = (logits.argmax(-1).numpy() != y)
+        fdt_tf.append(np.where(div.any(1), div.argmax(1), N))
+        mod.weight.data = orig
+  k = len(probes)
+  return (float(np.median(t_gen)) / k, float(np.median(t_tf)) / k, np.stack(fdt_gen),
+          np.stack(fdt_tf))
 
 
 def full_sweep(dtype: str) -> float:
@@ -114,6 +125,8 @@ def main():
   ap.add_argument("--full", action="store_true", help="also time the 210-component sweep")
   ap.add_argument("--dtype", default="float32", help="param/compute dtype of the dtm sweep")
   ap.add_argument("--no-torch", action="store_true")
+  ap.add_argument("--repeats", type=int, default=3,
+                  help="passes over the 14 probes per contender; the median is reported")
   args = ap.parse_args()
   m = load_model("smollm2-135m", param_dtype=args.dtype, dtype=args.dtype)
   prompts = common.wikitext_prompts(m.tokenizer, P, C)
@@ -121,12 +134,13 @@ def main():
   seq = np.concatenate([prompts, y], 1)
   probes = [Component(l, k) for l in LAYERS for k in KINDS]
   peak = common.matmul_peak()
-  s_dtm, compile_s, fdt_dtm = dtm_sweep(m, seq, probes)
+  s_dtm, compile_s, fdt_dtm = dtm_sweep(m, seq, probes, args.repeats)
   flops = np.mean([probe.useful_flops(m.cfg, c.layer, P, C + N - 1, N) for c in probes])
   rows = [("dtm sweep (" + args.dtype + ")", f"{s_dtm:.3f}", "1.00", f"{flops / s_dtm / 1e9:.1f}")]
   if not args.no_torch:
     try:
-      s_gen, s_tf, fdt_gen, fdt_tf = torch_loops(m, prompts, y, probes, args.dtype)
+      s_gen, s_tf, fdt_gen, fdt_tf = torch_loops(m, prompts, y, probes, args.dtype,
+                                                 args.repeats)
       rows += [(f"torch (a) generate loop ({args.dtype})", f"{s_gen:.3f}",
                 f"{s_gen / s_dtm:.2f}", ""),
                (f"torch (b) teacher-forced loop ({args.dtype})", f"{s_tf:.3f}",
@@ -136,7 +150,7 @@ def main():
       agree = None
   print(f"\nSmolLM2-135M, {P} WikiText prompts, c={C}, N={N}, {len(probes)} probes "
         f"(layers {LAYERS} x {KINDS}, magnitude {RATE}), {jax.device_count()} device(s), "
-        f"{os.cpu_count()} CPU cores")
+        f"{os.cpu_count()} CPU cores; median of {args.repeats} passes per contender")
   print(common.table(rows, ("contender", "s/probe", "s / dtm s", "useful GFLOP/s")))
   print(f"float32 2048^3 matmul peak: {peak:.1f} GFLOP/s; sweep useful GFLOP/s = "
         f"{flops / s_dtm / 1e9 / peak:.0%} of it; dtm compile {compile_s:.1f} s (2 kinds)")

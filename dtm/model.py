@@ -140,7 +140,7 @@ class Attention(nn.Module):
     k = Linear(hkv * kd, dt, pdt, name="k")(x_BTD).reshape(b, -1, hkv, kd)
     v = Linear(hkv * kd, dt, pdt, name="v")(x_BTD).reshape(b, -1, hkv, kd)
     inv_freq = rope_inv_freq(cfg)
-    # 1/sqrt(K) is folded into q (a power of two for K = 64/128: exact).
+    # 1/sqrt(K) is folded into the RoPE of q (exact when K is a power of 4, e.g. 64).
     q = apply_rope(q, pos_q, inv_freq, scale=1.0 / math.sqrt(kd))
     k = apply_rope(k, positions_T, inv_freq)
     if cache is not None:
