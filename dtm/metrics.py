@@ -254,8 +254,7 @@ def head_divergence_stats(
   is produced and consumed while it is in cache (online max / Σ exp rescaling as in
   flash attention; argmax keeps the first maximum across chunks), so the [B, N, V]
   logits are never written to memory. Same definitions and outputs as
-  `divergence_stats`; the log-normaliser's summation order and the target logit's (a
-  D-length dot product with the target's head row) differ (≈1e-6 relative).
+  `divergence_stats`; the log-normaliser's summation order differs (≈1e-6 relative).
   KL(F‖F') = Σ_v p_F(b_v − l'_v) − lse_F + lse' with Σ_v p_F(b_v − l'_v) =
   (x − x') · p_head from the `HeadBase` (a D-length dot product, not a pass over V).
 
@@ -273,22 +272,25 @@ def head_divergence_stats(
   shape = targets_BN.shape
 
   def body(carry, c):
-    m, s, arg = carry
+    m, s, arg, ty = carry
     logits, iota = _masked_chunk_logits(x, c["w"], c["i"], vc, v)
     cmax = jnp.max(logits, axis=-1)
     carg = jnp.min(jnp.where(logits == cmax[..., None], iota, vc), axis=-1) + c["i"] * vc
     new_m = jnp.maximum(m, cmax)
     s = s * jnp.exp(m - new_m) + jnp.sum(jnp.exp(logits - new_m[..., None]), axis=-1)
     arg = jnp.where(cmax > m, carg, arg)  # ties keep the earlier (lower) index
-    return (new_m, s, arg), None
+    # the target's logit from the same GEMM output the argmax sees
+    local = targets_BN - c["i"] * vc
+    inside = (local >= 0) & (local < vc)
+    ty = jnp.where(inside, _gather_last(logits, jnp.clip(local, 0, vc - 1)), ty)
+    return (new_m, s, arg, ty), None
 
-  init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.int32))
+  zeros = jnp.zeros(shape, jnp.float32)
+  init = (jnp.full(shape, -jnp.inf), zeros, jnp.zeros(shape, jnp.int32), zeros)
   xs = {"w": w, "i": jnp.arange(w.shape[0], dtype=jnp.int32)}
-  (m, s, pred_BN), _ = jax.lax.scan(body, init, xs)
+  (m, s, pred_BN, target_logit), _ = jax.lax.scan(body, init, xs)
   lse_BN = m + jnp.log(s)
-  # The target's logit directly from its head row (a D-length dot product per position).
   x32 = x.astype(jnp.float32)
-  target_logit = jnp.sum(x32 * head_VD.astype(dtype)[targets_BN].astype(jnp.float32), axis=-1)
   fdt_B, sdt_B = fdt_sdt_from_divergent(pred_BN != targets_BN)
   out = {"fdt": fdt_B, "sdt": sdt_B, "nll": lse_BN - target_logit}
   if base is not None:
