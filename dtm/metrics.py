@@ -208,18 +208,11 @@ def head_base(x_BND: jax.Array, head_VD: jax.Array, *, vocab_chunk: int = 4096,
   shape = x.shape[:-1]
 
   def body(carry, c):
-    m, s, arg, ph = carry
-    logits, iota = _masked_chunk_logits(x, c["w"], c["i"], vc, v)
-    cmax = jnp.max(logits, axis=-1)
-    carg = jnp.min(jnp.where(logits == cmax[..., None], iota, vc), axis=-1) + c["i"] * vc
-    new_m = jnp.maximum(m, cmax)
-    scale = jnp.exp(m - new_m)
-    e = jnp.exp(logits - new_m[..., None])  # 0 at the padding
-    s = s * scale + jnp.sum(e, axis=-1)
+    *online, ph = carry
+    _, e, scale, online = _online_chunk(x, c, vc, v, *online)
     ph = ph * scale[..., None] + jnp.einsum(
         "bnv,vd->bnd", e, c["w"].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    arg = jnp.where(cmax > m, carg, arg)
-    return (new_m, s, arg, ph), None
+    return (*online, ph), None
 
   zeros = jnp.zeros(shape, jnp.float32)
   init = (jnp.full(shape, -jnp.inf), zeros, jnp.zeros(shape, jnp.int32),
@@ -229,14 +222,23 @@ def head_base(x_BND: jax.Array, head_VD: jax.Array, *, vocab_chunk: int = 4096,
   return HeadBase(m, s, arg, x.astype(jnp.float32), ph / s[..., None])
 
 
-def _masked_chunk_logits(x_BND, w_vD, i, vc: int, v: int):
-  """Logits of vocabulary chunk i (padding -> -inf; no mask when vc divides V) and the
-  in-chunk index."""
-  logits = _chunk_logits(x_BND, w_vD)
+def _online_chunk(x_BND, c, vc: int, v: int, m, s, arg):
+  """One vocabulary chunk (c: {"w": [vc, D], "i": chunk index}) of the online recursion
+  for the running max m, Σ exp(l − m) s and first argmax arg [B, N] (flash-attention
+  style rescaling; ties keep the earlier, lower index). Returns the chunk's logits
+  [B, N, vc] (padding -> -inf; no mask when vc divides V), e = exp(logits − new m),
+  the factor exp(m − new m) that rescales earlier sums, and the new (m, s, arg)."""
+  logits = _chunk_logits(x_BND, c["w"])
   iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
   if v % vc:
-    logits = jnp.where(iota + i * vc < v, logits, -jnp.inf)
-  return logits, iota
+    logits = jnp.where(iota + c["i"] * vc < v, logits, -jnp.inf)
+  cmax = jnp.max(logits, axis=-1)
+  carg = jnp.min(jnp.where(logits == cmax[..., None], iota, vc), axis=-1) + c["i"] * vc
+  new_m = jnp.maximum(m, cmax)
+  scale = jnp.exp(m - new_m)
+  e = jnp.exp(logits - new_m[..., None])  # 0 at the padding
+  return logits, e, scale, (new_m, s * scale + jnp.sum(e, axis=-1),
+                            jnp.where(cmax > m, carg, arg))
 
 
 def head_divergence_stats(
@@ -272,18 +274,13 @@ def head_divergence_stats(
   shape = targets_BN.shape
 
   def body(carry, c):
-    m, s, arg, ty = carry
-    logits, iota = _masked_chunk_logits(x, c["w"], c["i"], vc, v)
-    cmax = jnp.max(logits, axis=-1)
-    carg = jnp.min(jnp.where(logits == cmax[..., None], iota, vc), axis=-1) + c["i"] * vc
-    new_m = jnp.maximum(m, cmax)
-    s = s * jnp.exp(m - new_m) + jnp.sum(jnp.exp(logits - new_m[..., None]), axis=-1)
-    arg = jnp.where(cmax > m, carg, arg)  # ties keep the earlier (lower) index
+    *online, ty = carry
+    logits, _, _, online = _online_chunk(x, c, vc, v, *online)
     # the target's logit from the same GEMM output the argmax sees
     local = targets_BN - c["i"] * vc
     inside = (local >= 0) & (local < vc)
     ty = jnp.where(inside, _gather_last(logits, jnp.clip(local, 0, vc - 1)), ty)
-    return (new_m, s, arg, ty), None
+    return (*online, ty), None
 
   zeros = jnp.zeros(shape, jnp.float32)
   init = (jnp.full(shape, -jnp.inf), zeros, jnp.zeros(shape, jnp.int32), zeros)
