@@ -33,7 +33,8 @@ def get_config(arg=None):
   probe.kinds = "q,k,v,o,gate,up,down"
   # Layers to probe: '*' or e.g. '0-3,7' (inclusive ranges).
   probe.layers = "*"
-  # Probes per compiled call (0 = all levels of a component, capped by device memory).
+  # Probes per device and call (0 = all levels of a component, capped by device memory).
+  # Each device of a call runs its own component; see dtm.probe.schedule.
   probe.chunk_size = 0
   # Candidates: per component, the largest level whose FDT_alpha >= min_fdt.
   probe.candidate_alpha = 0.9
@@ -43,6 +44,10 @@ def get_config(arg=None):
   config.alphas = (0.75, 0.9)
   # Per-position KL(F‖F') and top-1 agreement per probe (keeps base logits on device).
   config.kl = True
+  # CPU-only hosts: JAX CPU devices to create (0 = one per core). Probes then run one per
+  # core, about 1.3x the throughput of splitting each matmul over the cores; GPU/TPU
+  # hosts are unaffected. Ignored if XLA_FLAGS or JAX_NUM_CPU_DEVICES already set it.
+  config.cpu_devices = 0
 
   config.prompts.num = 16
   config.prompts.length = 64

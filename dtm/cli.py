@@ -20,13 +20,13 @@ def run_job(config, workdir: str) -> int:
   """Run `dtm.jobs.<config.job>.run(config, workdir)`; DtmError -> one line, exit 2."""
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
-  setup_jax()
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   try:
     module = importlib.import_module(f"dtm.jobs.{config.job}")
   except ModuleNotFoundError:
     _fail(f"unknown job {config.job!r}: no module dtm/jobs/{config.job}.py")
   try:
+    setup_jax(cpu_devices=config.get("cpu_devices"))
     module.run(config, os.path.abspath(workdir))
   except DtmError as e:
     _fail(str(e))
@@ -36,17 +36,33 @@ def run_job(config, workdir: str) -> int:
   return 0
 
 
-def setup_jax() -> None:
-  """Multi-host init (launch scripts set DTM_DISTRIBUTED=1 on every worker) and a
-  persistent compilation cache so resumed runs do not recompile (DTM_JAX_CACHE=''
-  disables it)."""
+def setup_jax(cpu_devices: int | None = None) -> None:
+  """Multi-host init (launch scripts set DTM_DISTRIBUTED=1 on every worker), a persistent
+  compilation cache so resumed runs do not recompile (DTM_JAX_CACHE='' disables it), and,
+  if `cpu_devices` is given, the number of JAX CPU devices (`set_cpu_devices`). Must run
+  before anything touches a JAX backend."""
   import jax
+  if cpu_devices is not None:
+    set_cpu_devices(cpu_devices)
   if os.environ.get("DTM_DISTRIBUTED") == "1":
     jax.distributed.initialize()
   cache = os.environ.get("DTM_JAX_CACHE", os.path.expanduser("~/.cache/dtm/jax"))
   if cache:
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
+
+def set_cpu_devices(n: int = 0) -> None:
+  """Create n JAX CPU devices (0: one per core this process may use), unless XLA_FLAGS
+  (--xla_force_host_platform_device_count) or JAX_NUM_CPU_DEVICES already chose. Only the
+  CPU backend is affected; single-device programs still use every core."""
+  import jax
+  if ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+      or os.environ.get("JAX_NUM_CPU_DEVICES")):
+    return
+  if n < 0:
+    raise DtmError(f"cpu_devices must be >= 0 (0 = one per core), got {n}")
+  jax.config.update("jax_num_cpu_devices", n or len(os.sched_getaffinity(0)))
 
 
 def run_app(main) -> None:

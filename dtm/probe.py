@@ -1,23 +1,25 @@
 """Component probes: compress exactly one component at one level, measure its DTMs.
 
 A probe is (component (layer l, kind), level), e.g. (L03.q, magnitude(rate=0.5)).
-All probes of one component form a *chunk* evaluated by one jitted call:
+Probes of one component form a *chunk*, evaluated on one device:
 
   * prefix reuse: layers 0..l-1 are untouched, so the chunk starts from the base
-    model's residual stream at the input of layer l (`base_pass`, computed once);
+    model's residual stream at the input of layer l (`_base_pass`, computed once);
   * the per-probe compression is applied inside the call, vmapped over the K levels
     of the chunk: each probe finds its magnitude threshold (value, HF flat index) by
     counting passes over |w| (`compress.magnitude_cut`, exact, no sort);
     AbsMax and N:M are computed per probe from the weight (`compress.absmax_values`,
     `compress.nm_rank`); no copy of the model is built per probe;
   * layers l+1..L-2 run with the base weights on all K·P sequences at once, in a
-    `lax.fori_loop` with a traced start layer (one compile per kind and method);
+    `lax.fori_loop` with a traced start layer (one compile per method family: the
+    probed kind is a traced index into a `lax.switch`);
   * the last layer computes keys/values at all positions but everything else (queries,
     attention output, MLP) only at the N continuation rows, and the LM head runs only
     there, one probe at a time.
 
-The probe axis K is sharded over a 1-D device mesh ('probe'); every other input is
-replicated. Results are per-probe, per-prompt `metrics.divergence_stats`.
+A call runs one such chunk per device, each on its own component (`Slot`, `schedule`), in a
+`shard_map` over a 1-D device mesh ('probe'); params and the base pass are replicated.
+Results are per-probe, per-prompt `metrics.divergence_stats`.
 
 Shapes: P prompts, c prompt length, N continuation length, S = c + N - 1 fed
 positions, D hidden, V vocab, K probes in a chunk, L layers.
@@ -33,7 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 
 from dtm import compress
-from dtm.components import Component, kernel_path
+from dtm.components import KINDS, Component, kernel_path
 from dtm.evaluation import final_base, head_stats
 from dtm.model import Llama, apply_layer
 from dtm.model_config import ModelConfig
@@ -81,8 +83,7 @@ def _index_layer(params, i):
                       params["layers"])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "c"))
-def base_pass(cfg: ModelConfig, params, seq_PS: jax.Array, c: int):
+def _base_pass(cfg: ModelConfig, params, seq_PS: jax.Array, c: int):
   """Residual stream at the input of every layer, h_in [L, P, S, D], and the base
   model's `metrics.HeadBase` at the continuation positions (for KL / top-1)."""
   tokens = seq_PS[:, :-1]
@@ -94,6 +95,7 @@ def base_pass(cfg: ModelConfig, params, seq_PS: jax.Array, c: int):
 
   h_last, h_in = jax.lax.scan(step, h, params["layers"])
   return h_in, final_base(cfg, params, h_last[:, c - 1:])
+
 
 
 # ----------------------------------------------------------------------------- compression
@@ -137,15 +139,17 @@ def _replace_kernel(lp, kind: str, kernel):
 
 # ----------------------------------------------------------------------------- chunk
 
-def probe_chunk(cfg: ModelConfig, params, h_in_LPSD, layer, args_K, targets_PN,
-                base, *, kind: str, family: MethodFamily, c: int):
-  """Stats of K probes on component (layer, kind), levels given by args_K [K] (f32).
+def probe_chunk(cfg: ModelConfig, params, h_in_LPSD, layer, kind_index, args_K, targets_PN,
+                base, *, kinds: tuple[str, ...], family: MethodFamily, c: int):
+  """Stats of K probes on component (layer, kinds[kind_index]), levels given by args_K
+  [K] (f32).
 
   h_in_LPSD: base residual stream at the input of every layer [L, P, S, D] (indexed
-  here, inside the compiled call, so no per-layer slice is compiled); layer: int32 scalar
-  (traced); targets_PN = y; base: optional `metrics.HeadBase` (KL / top-1). Returns a
-  dict of [K, P(, N)] arrays (`metrics.divergence_stats`) plus 'sparsity' [K]: fraction
-  of zeros in the compressed kernel.
+  here, inside the compiled call, so no per-layer slice is compiled); layer, kind_index:
+  int32 scalars (traced: one compile serves every component of `kinds`, the kind picked
+  by `lax.switch`); targets_PN = y; base: optional `metrics.HeadBase` (KL / top-1).
+  Returns a dict of [K, P(, N)] arrays (`metrics.divergence_stats`) plus 'sparsity' [K]:
+  fraction of zeros in the compressed kernel.
   """
   h_in_PSD = jax.lax.dynamic_index_in_dim(h_in_LPSD, layer, keepdims=False)
   p, s, d = h_in_PSD.shape
@@ -153,15 +157,21 @@ def probe_chunk(cfg: ModelConfig, params, h_in_LPSD, layer, args_K, targets_PN,
   last = cfg.num_layers - 1
   positions = jnp.arange(s, dtype=jnp.int32)
   lp = _index_layer(params, layer)
-  kernel = lp[kernel_path(kind)[1]][kind]["kernel"]
-  prep = _prepare(kernel, family)
 
   def compressed_layer(query_start):
-    def one(arg):
-      w = _compress_kernel(kernel, family, arg, prep)
-      h = apply_layer(cfg, _replace_kernel(lp, kind, w), h_in_PSD, positions, query_start)
-      return h, jnp.mean(w == 0)
-    return jax.vmap(one)(args_K)  # [K, P, S', D], [K]
+    def branch(kind):
+      def run():
+        kernel = lp[kernel_path(kind)[1]][kind]["kernel"]
+        prep = _prepare(kernel, family)
+
+        def one(arg):
+          w = _compress_kernel(kernel, family, arg, prep)
+          h = apply_layer(cfg, _replace_kernel(lp, kind, w), h_in_PSD, positions, query_start)
+          return h, jnp.mean(w == 0)
+        return jax.vmap(one)(args_K)  # [K, P, S', D], [K]
+      return run
+    branches = [branch(kind) for kind in kinds]
+    return branches[0]() if len(branches) == 1 else jax.lax.switch(kind_index, branches)
 
   def probed_last():  # the probed layer is the model's last: only its N query rows
     return compressed_layer(c - 1)
@@ -185,39 +195,117 @@ def probe_chunk(cfg: ModelConfig, params, h_in_LPSD, layer, args_K, targets_PN,
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Slot:
+  """One device's share of a call: probes on one component, with their dynamic args and
+  the caller's keys (same length)."""
+  component: Component
+  args: tuple[float, ...]
+  keys: tuple
+
+
+def schedule(work: dict[Component, list[tuple]], num_devices: int, max_per_device: int
+             ) -> list[list[Slot]]:
+  """Group the probes of one method family into calls of one `Slot` per device.
+
+  work: component -> [(key, dynamic arg), ...]. A device runs one component per call (its
+  own prefix start and compressed kind), so different components go to different
+  devices; a component's probes are split into slots of at most k = min(max_per_device,
+  ...) so that, when there are fewer components than devices, the levels spread over the
+  idle devices. Slots are ordered by (layer, kind), so a call's devices carry similar work
+  (the layers after their own). Returns calls of at most num_devices slots
+  (`ProbeRunner.run_slots` pads the last one).
+  """
+  work = {comp: items for comp, items in work.items() if items}
+  if not work:
+    return []
+  most = max(len(items) for items in work.values())
+  spread = max(1, num_devices // len(work))  # devices available to each component
+  k = max(1, min(max_per_device, -(-most // spread)))
+  slots = []
+  for comp in sorted(work):
+    items = work[comp]
+    for i in range(0, len(items), k):
+      part = items[i:i + k]
+      slots.append(Slot(comp, tuple(a for _, a in part), tuple(key for key, _ in part)))
+  return [slots[i:i + num_devices] for i in range(0, len(slots), num_devices)]
+
+
 class ProbeRunner:
-  """Compiles and runs `probe_chunk` with the probe axis sharded over `mesh`."""
+  """Compiles and runs `probe_chunk` once per device in a `shard_map` over the 1-D mesh
+  ('probe',): each device gets its own component and levels (`Slot`); params and the
+  base pass are replicated. One compile per method family covers the component kinds
+  `kinds`. On a CPU host with one JAX device per core (`dtm.cli.set_cpu_devices`) this
+  runs one probe per core, which beats splitting each matmul over the cores."""
 
   def __init__(self, cfg: ModelConfig, params, seq_PS: np.ndarray, c: int, mesh: Mesh,
-               kl: bool = True):
+               kl: bool = True, kinds: tuple[str, ...] = KINDS):
     self.cfg, self.params, self.c, self.mesh = cfg, params, c, mesh
+    self.kinds = tuple(kinds)
     self.num_devices = mesh.devices.size
     rep = NamedSharding(mesh, PS())
-    seq = jax.device_put(jnp.asarray(seq_PS), rep)
-    self.h_in, base = base_pass(cfg, params, seq, c)
+    # The base pass is data-parallel over prompts when they divide evenly; its outputs
+    # are gathered to every device (each probe needs all prompts).
+    p = seq_PS.shape[0]
+    seq_sh = NamedSharding(mesh, PS("probe")) if p % self.num_devices == 0 else rep
+    seq = jax.device_put(jnp.asarray(seq_PS), seq_sh)
+    base_fn = jax.jit(functools.partial(_base_pass, cfg, c=c), out_shardings=rep)
+    self.h_in, base = base_fn(params, seq)
     self.base = base if kl else None
-    self.targets = seq[:, c:]
+    self.targets = jax.device_put(jnp.asarray(seq_PS[:, c:]), rep)
     self._fns = {}
 
-  def _fn(self, kind: str, family: MethodFamily):
-    key = (kind, family)
+  def _fn(self, kinds: tuple[str, ...], family: MethodFamily):
+    key = (kinds, family)
     if key not in self._fns:
-      probe_sh = NamedSharding(self.mesh, PS("probe"))
-      self._fns[key] = jax.jit(
-          functools.partial(probe_chunk, self.cfg, kind=kind, family=family, c=self.c),
-          in_shardings=None, out_shardings=probe_sh)
+      chunk = functools.partial(probe_chunk, self.cfg, kinds=kinds, family=family, c=self.c)
+
+      def local(params, h_in, layer_1, kind_1, args_1k, targets, base):  # one device's slot
+        out = chunk(params, h_in, layer_1[0], kind_1[0], args_1k[0], targets, base)
+        return jax.tree.map(lambda x: x[None], out)
+
+      rep, dev = PS(), PS("probe")
+      self._fns[key] = jax.jit(jax.shard_map(
+          local, mesh=self.mesh, in_specs=(rep, rep, dev, dev, dev, rep, rep), out_specs=dev,
+          check_vma=False))
     return self._fns[key]
 
+  def run_slots(self, family: MethodFamily, slots: list[Slot],
+                kinds: tuple[str, ...] | None = None):
+    """Dispatch one call (asynchronously): slot i runs on device i; `kinds` (default: the
+    runner's) selects the compiled function and must hold every slot's kind. Returns
+    device arrays [num_devices, k, ...] (`probe_chunk`'s outputs per slot and level), k
+    the longest slot; shorter slots repeat their last level and missing slots repeat the
+    last slot (padding: ignore entries beyond each slot's own length)."""
+    kinds = self.kinds if kinds is None else tuple(kinds)
+    if not slots or len(slots) > self.num_devices:
+      raise ValueError(f"a call takes 1..{self.num_devices} slots, got {len(slots)}")
+    missing = {s.component.kind for s in slots} - set(kinds)
+    if missing:
+      raise ValueError(f"kinds {sorted(missing)} are not among the compiled kinds {kinds}")
+    k = max(len(s.args) for s in slots)
+    slots = slots + [slots[-1]] * (self.num_devices - len(slots))
+    layers = np.asarray([s.component.layer for s in slots], np.int32)
+    kind_ids = np.asarray([kinds.index(s.component.kind) for s in slots], np.int32)
+    args = np.asarray([list(s.args) + [s.args[-1]] * (k - len(s.args)) for s in slots],
+                      np.float32)
+    dev = NamedSharding(self.mesh, PS("probe"))
+    put = lambda x: jax.device_put(x, dev)
+    return self._fn(kinds, family)(self.params, self.h_in, put(layers), put(kind_ids),
+                                   put(args), self.targets, self.base)
+
   def run(self, component: Component, family: MethodFamily, args: list[float]):
-    """Dispatch one chunk (asynchronously); returns device arrays [K_padded, ...].
-    K is padded to a multiple of the device count by repeating the last level."""
-    k = len(args)
-    padded = -(-k // self.num_devices) * self.num_devices
-    args_k = np.asarray(args + [args[-1]] * (padded - k), np.float32)
-    args_k = jax.device_put(args_k, NamedSharding(self.mesh, PS("probe")))
-    fn = self._fn(component.kind, family)
-    return fn(self.params, self.h_in, jnp.int32(component.layer), args_k,
-              self.targets, self.base)
+    """All levels (args) of one component, spread over the devices; blocks until done and
+    returns host arrays [len(args), ...] in the order of args. Compiles for this kind
+    alone."""
+    out = {}
+    for call in schedule({component: list(enumerate(args))}, self.num_devices, len(args)):
+      host = jax.device_get(self.run_slots(family, call, kinds=(component.kind,)))
+      for i, slot in enumerate(call):
+        for j, key in enumerate(slot.keys):
+          for name, v in host.items():
+            out.setdefault(name, [None] * len(args))[key] = v[i, j]
+    return {name: np.stack(v) for name, v in out.items()}
 
 
 def probe_mesh(devices=None) -> Mesh:

@@ -117,7 +117,8 @@ def test_probes_equal_evaluate_path(smollm2, smollm2_seq):
 
 # ----------------------------------------------------------------------------- tiny model
 
-LEVELS = (0.3, 0.6, 0.9)  # 3 levels: not a multiple of 8, so 8 devices pad each chunk
+LEVELS = (0.3, 0.6, 0.9)  # 3 levels, 3 layers: on 8 devices a call has 6 slots (2 + 1 levels
+# per layer) padded to 8
 NUM_PROBES = 3 * len(KINDS) * len(LEVELS)  # 3 layers x 7 kinds x 3 levels = 63
 TINY_N = 8
 
@@ -141,9 +142,8 @@ def _command(tiny, workdir, *overrides, levels=LEVELS, kinds=KINDS) -> list[str]
 
 
 def _env(tiny, devices: int = 1) -> dict:
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  if devices > 1:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+  env["JAX_NUM_CPU_DEVICES"] = str(devices)
   env.update(JAX_PLATFORMS="cpu", DTM_JAX_CACHE="", JAX_COMPILATION_CACHE_DIR=tiny["cache"],
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return env
@@ -199,8 +199,9 @@ def reference_run(tiny):
 
 
 def test_same_results_on_1_and_8_devices(tiny):
-  """Auto chunking = all 3 levels of a component per call: 1 device runs K=3, 8 devices
-  pad K to 8 (one probe per device). Uses absmax so the job-level tests cover two families,
+  """Auto chunking: 1 device runs each component's 3 levels in one call; 8 devices run a
+  kind's 3 layers in one call, each layer's levels split 2 + 1 over two devices, two
+  devices padding. Uses absmax so the job-level tests cover two families,
   and four kinds (both attention and MLP shapes) to keep compiles few."""
   run = dict(levels=(8, 4, 3), kinds=("q", "k", "gate", "down"))
   method = ("--config.probe.method=absmax", "--config.probe.method_args=granularity=channel")
@@ -232,12 +233,16 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny, reference_run):
   for _ in range(2):
     before = _num_lines(jsonl)
     proc = _start(tiny, workdir, "--config.probe.chunk_size=1")
+    # Kill once this run has appended a random number of records (up to a third of what
+    # is left: a call of the tiny model takes milliseconds, so a random delay could
+    # outlast the whole sweep), at a random moment within the next call.
+    target = before + rng.randint(1, max(1, (NUM_PROBES - before) // 3))
     deadline = time.time() + 120
-    while _num_lines(jsonl) <= before:  # wait until this run has appended a chunk
+    while _num_lines(jsonl) < target:
       assert proc.poll() is None, f"run ended before writing a record:\n{_log(workdir)}"
       assert time.time() < deadline, "no record appeared in time"
-      time.sleep(0.01)
-    time.sleep(rng.uniform(0.0, 0.3))
+      time.sleep(0.001)
+    time.sleep(rng.uniform(0.0, 0.003))
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -256,6 +261,31 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny, reference_run):
   for pid in want:
     assert got[pid] == want[pid], pid  # same chunking and devices: bit-identical records
   assert jsonl.read_bytes().endswith(b"\n")
+
+
+@pytest.mark.parametrize("num_devices,layers,levels,cap", [
+    (1, 5, 3, 3), (2, 7, 1, 8), (8, 3, 3, 8), (8, 1, 11, 8), (8, 30, 7, 2), (4, 2, 1, 8)])
+def test_schedule(num_devices, layers, levels, cap):
+  """Every probe in exactly one slot; a slot is one layer with at most `cap` probes; calls
+  have at most one slot per device; idle devices take levels when layers are few."""
+  work = {Component(3 * l, "q"): [((l, j), float(j)) for j in range(levels)]
+          for l in range(layers)}
+  calls = probe.schedule(work, num_devices, cap)
+  keys = [key for call in calls for slot in call for key in slot.keys]
+  assert sorted(keys) == sorted(key for items in work.values() for key, _ in items)
+  for call in calls:
+    assert 1 <= len(call) <= num_devices
+    for slot in call:
+      assert 1 <= len(slot.args) == len(slot.keys) <= cap
+      assert {key[0] for key in slot.keys} == {slot.component.layer // 3}
+      assert list(slot.args) == [float(key[1]) for key in slot.keys]
+  spread = max(1, num_devices // layers)  # devices per layer when layers are few
+  k = min(cap, -(-levels // spread))
+  slots = layers * -(-levels // k)
+  assert len(calls) == -(-slots // num_devices)
+  assert len(calls[0]) == min(num_devices, slots)  # no device idles that could work
+  if num_devices > layers and levels > 1 and cap > 1:
+    assert max(len(slot.args) for call in calls for slot in call) < levels  # levels spread
 
 
 def test_store_cuts_partial_last_line(tmp_path):
