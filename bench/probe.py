@@ -2,7 +2,9 @@
 
 Same 16 WikiText prompts (c=64, N=32) and the same 14 probes (layers 0,5,10,15,20,25,29
 x kinds q and down, magnitude 50%) for every contender, in one run:
-  * dtm: the vmapped, prefix-reusing sweep (`dtm.probe.ProbeRunner`), after compile;
+  * dtm: the vmapped, prefix-reusing sweep (`dtm.probe.ProbeRunner`), after compile,
+    with one JAX CPU device per core as the probe job uses (each device runs its own
+    component; `--cpu-devices=1`: one device whose matmuls use both cores);
   * torch (a): prune one component, batched `generate(do_sample=False)`, FDT by comparison;
   * torch (b): prune one component, one batched teacher-forced forward pass.
 Prints seconds per probe (median of --repeats passes over the 14 probes, for every
@@ -12,7 +14,7 @@ last layer's queries/MLP at the N positions, the LM head at the N positions) and
 2048^3 float32 matmul's GFLOP/s.
 `--full` also times the full 210-component sweep (one level) through the probe job.
 
-  python bench/probe.py [--full] [--dtype bfloat16]
+  python bench/probe.py [--full] [--dtype bfloat16] [--cpu-devices N]
 """
 from __future__ import annotations
 
