@@ -97,7 +97,6 @@ def _base_pass(cfg: ModelConfig, params, seq_PS: jax.Array, c: int):
   return h_in, final_base(cfg, params, h_last[:, c - 1:])
 
 
-
 # ----------------------------------------------------------------------------- compression
 
 def _hf_flat_index(in_dim: int, out_dim: int) -> jax.Array:

@@ -131,13 +131,12 @@ def run(config, workdir: str) -> dict:
 
 
 def _calls(todo: list[Probe], per_device: int, num_devices: int, numel_of):
-  """(family, [probe.Slot]) per call; slot keys are (Probe, numel)."""
+  """(family, [probe.Slot]) per call; slot keys are the Probes."""
   groups: dict[probe.MethodFamily, dict[Component, list]] = {}
   for q in todo:
     family = probe.split_method(q.method)[0]
-    numel = numel_of(q.component.kind)
-    arg = probe.dynamic_arg(family, q.level, numel)
-    groups.setdefault(family, {}).setdefault(q.component, []).append(((q, numel), arg))
+    arg = probe.dynamic_arg(family, q.level, numel_of(q.component.kind))
+    groups.setdefault(family, {}).setdefault(q.component, []).append((q, arg))
   for family, work in groups.items():
     for slots in probe.schedule(work, num_devices, per_device):
       yield family, slots
@@ -158,7 +157,7 @@ def _run_chunks(runner, todo, per_device, store, alphas, params, is_writer):
     recs = []
     for i, slot in enumerate(slots):
       per_slot = {name: v[i] for name, v in host.items()}
-      recs += _records([q for q, _ in slot.keys], per_slot, alphas, slot.keys[0][1])
+      recs += _records(list(slot.keys), per_slot, alphas, numel_of(slot.component.kind))
     if is_writer:
       store.add(recs)
     bar.update(sum(len(slot.keys) for slot in slots))
