@@ -240,3 +240,10 @@ def test_probe_sweep_impossible_sparsity(tmp_path):
   proc = run_main(workdir, "--config.probe.levels=(0.5,1.0)", config="configs/probe.py:runlocal")
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert "sparsity rate" in proc.stderr and "1" in proc.stderr
+
+
+def test_probe_negative_cpu_devices(tmp_path):
+  proc = run_main(tmp_path / "probe", "--config.cpu_devices=-1", config="configs/probe.py:runlocal")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "cpu_devices must be >= 0" in errors[0], proc.stderr[-2000:]
