@@ -19,6 +19,7 @@ import pytest
 
 from conftest import REPO
 from dtm import convert, gguf_io, safetensors_io
+from gguf_files import write_gguf
 from dtm.model import init_params
 from dtm.model_config import ModelConfig
 
@@ -114,30 +115,8 @@ def test_unsupported_architecture_config(tmp_path):
                     match=("unsupported architecture", "gpt2", "LlamaForCausalLM"))
 
 
-def _write_gguf(path, arch: str, tensors=()) -> str:
-  """A tiny GGUF (2 layers, hidden 64, vocab 32) holding `tensors` = [(name, array, type)]."""
-  w = gguf.GGUFWriter(str(path), arch)
-  w.add_block_count(2)
-  w.add_context_length(256)
-  w.add_embedding_length(64)
-  w.add_feed_forward_length(96)
-  w.add_head_count(4)
-  w.add_head_count_kv(2)
-  w.add_layer_norm_rms_eps(1e-5)
-  w.add_vocab_size(32)
-  w.add_tokenizer_model("gpt2")
-  w.add_token_list([f"t{i}" for i in range(32)])
-  for name, arr, raw_dtype in tensors:
-    w.add_tensor(name, arr, raw_dtype=raw_dtype)
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
-  return str(path)
-
-
 def test_gguf_unknown_architecture(tmp_path):
-  path = _write_gguf(tmp_path / "falcon.gguf", "falcon")
+  path = write_gguf(tmp_path / "falcon.gguf", "falcon")
   assert_user_error(tmp_path, f"--config.model={path}",
                     match=("falcon.gguf", "architecture 'falcon'", "supports only 'llama'"))
 
@@ -146,7 +125,7 @@ def test_gguf_unknown_tensor_type(tmp_path):
   q81 = gguf.GGMLQuantizationType.Q8_1
   block, size = gguf.GGML_QUANT_SIZES[q81]
   raw = np.zeros((32, 64 // block * size), np.uint8)  # v_proj [out=32, in=64] as Q8_1 blocks
-  path = _write_gguf(tmp_path / "q81.gguf", "llama", [("blk.0.attn_v.weight", raw, q81)])
+  path = write_gguf(tmp_path / "q81.gguf", "llama", [("blk.0.attn_v.weight", raw, q81)])
   assert_user_error(tmp_path, f"--config.model={path}",
                     match=("blk.0.attn_v.weight", "unsupported type Q8_1"))
 

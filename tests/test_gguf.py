@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dtm import gguf_io
+from gguf_files import TINY, write_gguf as _write_gguf
 from dtm.errors import DtmError
 from dtm.model_config import ModelConfig
 
@@ -30,41 +31,6 @@ def smollm2_path() -> str:
 
 
 # ----------------------------------------------------------------------------- tiny files
-
-
-TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=32)
-
-
-def _write_gguf(path, arch="llama", tensors=(), tokenizer=None, extra=None):
-  """Write a GGUF with llama hyper-parameters TINY and `tensors` = [(name, array, raw_dtype)]."""
-  w = gguf.GGUFWriter(str(path), arch)
-  w.add_block_count(TINY["layers"])
-  w.add_context_length(256)
-  w.add_embedding_length(TINY["hidden"])
-  w.add_feed_forward_length(TINY["ffn"])
-  w.add_head_count(TINY["heads"])
-  w.add_head_count_kv(TINY["kv_heads"])
-  w.add_layer_norm_rms_eps(1e-5)
-  w.add_rope_freq_base(500000.0)
-  w.add_vocab_size(TINY["vocab"])
-  tokenizer = tokenizer or {"model": "gpt2", "tokens": [f"t{i}" for i in range(TINY["vocab"])]}
-  w.add_tokenizer_model(tokenizer["model"])
-  w.add_token_list(tokenizer["tokens"])
-  if "scores" in tokenizer:
-    w.add_token_scores(tokenizer["scores"])
-  if "types" in tokenizer:
-    w.add_token_types(tokenizer["types"])
-  for key, value in (tokenizer.get("ids") or {}).items():
-    getattr(w, f"add_{key}_token_id")(value)
-  for fn, value in (extra or {}).items():
-    getattr(w, fn)(value)
-  for name, arr, raw_dtype in tensors:
-    w.add_tensor(name, arr, raw_dtype=raw_dtype)
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
-  return str(path)
 
 
 def _quant(w: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray]:
