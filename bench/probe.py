@@ -59,16 +59,10 @@ def dtm_sweep(m, seq, probes, repeats: int):
   times, fdt = [], np.zeros((len(probes), P), np.int64)
   for _ in range(repeats):  # each repeat: all calls, one in flight (as the probe job runs them)
     t0 = time.perf_counter()
-    outs = []
-    for slots in calls:
-      if outs:
-        jax.block_until_ready(outs[-1])
-      outs.append(runner.run_slots(family, slots))
-    outs = jax.device_get(outs)
+    for slots, outs in runner.stream([(family, slots) for slots in calls]):
+      for slot, out in zip(slots, outs):
+        fdt[slot.keys[0]] = out["fdt"][0]
     times.append((time.perf_counter() - t0) / len(probes))
-    for slots, out in zip(calls, outs):
-      for i, slot in enumerate(slots):
-        fdt[slot.keys[0]] = out["fdt"][i, 0]
   return float(np.median(times)), compile_s, fdt
 
 

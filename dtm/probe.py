@@ -293,17 +293,42 @@ class ProbeRunner:
     return self._fn(kinds, family)(self.params, self.h_in, put(layers), put(kind_ids),
                                    put(args), self.targets, self.base)
 
+  def stream(self, calls, kinds: tuple[str, ...] | None = None, gather=jax.device_get):
+    """Run calls [(family, [Slot])] with one call in flight and yield, per call, (slots,
+    [per-slot outputs]): each {name: host array [len(slot.keys), ...]} (padding dropped),
+    fetched with `gather` (multi-host: an all-gather). Call k+1 is dispatched before call
+    k is yielded, so the consumer's work (writing records) overlaps it; it waits for call
+    k first, since queueing several multi-device calls on a CPU host lets them compete
+    for the cores (~15 % slower, measured)."""
+    pending = None
+    for family, slots in calls:
+      if pending is not None:
+        jax.block_until_ready(pending[1])
+      out = self.run_slots(family, slots, kinds)
+      if pending is not None:
+        yield self._unpack(*pending, gather)
+      pending = (slots, out)
+    if pending is not None:
+      yield self._unpack(*pending, gather)
+
+  @staticmethod
+  def _unpack(slots, out, gather):
+    host = gather(out)
+    return slots, [{name: v[i, :len(slot.keys)] for name, v in host.items()}
+                   for i, slot in enumerate(slots)]
+
   def run(self, component: Component, family: MethodFamily, args: list[float]):
     """All levels (args) of one component, spread over the devices; blocks until done and
     returns host arrays [len(args), ...] in the order of args. Compiles for this kind
     alone."""
+    calls = [(family, call) for call in
+             schedule({component: list(enumerate(args))}, self.num_devices, len(args))]
     out = {}
-    for call in schedule({component: list(enumerate(args))}, self.num_devices, len(args)):
-      host = jax.device_get(self.run_slots(family, call, kinds=(component.kind,)))
-      for i, slot in enumerate(call):
+    for slots, outs in self.stream(calls, kinds=(component.kind,)):
+      for slot, res in zip(slots, outs):
         for j, key in enumerate(slot.keys):
-          for name, v in host.items():
-            out.setdefault(name, [None] * len(args))[key] = v[i, j]
+          for name, v in res.items():
+            out.setdefault(name, [None] * len(args))[key] = v[j]
     return {name: np.stack(v) for name, v in out.items()}
 
 

@@ -145,35 +145,19 @@ def _calls(todo: list[Probe], per_device: int, num_devices: int, numel_of):
 def _run_chunks(runner, todo, per_device, store, alphas, params, is_writer):
   bar = tqdm(total=len(todo), unit="probe", desc="probes", smoothing=0.1,
              mininterval=0.5 if sys.stderr.isatty() else 30)
-  pending = None
 
   def numel_of(kind):
     shape = get_path(params, kernel_path(kind)).shape
     return int(shape[1] * shape[2])
 
-  def finish(pending):
-    slots, out = pending
-    host = _gather(out)  # one step late: the next call is already running
+  calls = _calls(todo, per_device, runner.num_devices, numel_of)
+  for slots, outs in runner.stream(calls, gather=_gather):  # the next call is running
     recs = []
-    for i, slot in enumerate(slots):
-      per_slot = {name: v[i] for name, v in host.items()}
-      recs += _records(list(slot.keys), per_slot, alphas, numel_of(slot.component.kind))
+    for slot, out in zip(slots, outs):
+      recs += _records(list(slot.keys), out, alphas, numel_of(slot.component.kind))
     if is_writer:
       store.add(recs)
-    bar.update(sum(len(slot.keys) for slot in slots))
-
-  for family, slots in _calls(todo, per_device, runner.num_devices, numel_of):
-    # One call in flight: wait for the previous call's outputs, dispatch this one, then
-    # write the previous records while it runs. (Queueing several multi-device calls on
-    # a CPU host lets them compete for the cores: ~15% slower, measured.)
-    if pending is not None:
-      jax.block_until_ready(pending[1])
-    out = runner.run_slots(family, slots)
-    if pending is not None:
-      finish(pending)
-    pending = (slots, out)
-  if pending is not None:
-    finish(pending)
+    bar.update(len(recs))
   bar.close()
 
 
