@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import sys
 
 from dtm.errors import DtmError
@@ -98,14 +99,74 @@ def _last_line(e: BaseException) -> str:
 
 
 def _unknown_field_message(e: BaseException, argv: list[str]) -> str:
-  """'unknown config field ...' naming the `--config.a.b=v` override that caused `e`."""
-  key = str(e).strip("\"' ")
-  for arg in argv:
-    path = arg.lstrip("-").split("=", 1)[0]
-    if path.startswith("config.") and key in path.split(".")[1:]:
-      return (f"unknown config field {path[len('config.'):]!r} (from {arg}); "
-              f"overrides must name a field declared in the config file's get_config")
-  return f"bad config override: unknown field {key!r}"
+  """"unknown config field 'prompts.lenght' (did you mean 'prompts.length'?)" for the
+  `--config.a.b=v` override that names an undeclared field.
+
+  The config file is loaded again (ml_collections has not stored it when an override
+  fails) to find the first path component that is not declared and the closest
+  declared name at that level (difflib); without a close match the message lists the
+  declared fields there. Falls back to the exception's key if the file cannot be loaded.
+  """
+  config = _load_config_from_argv(argv)
+  overrides = [_override_path(arg) for arg in argv]
+  overrides = [p for p in overrides if p]
+  if config is not None:
+    for path in overrides:
+      hint = _missing_field_hint(config, path.split("."))
+      if hint is not None:
+        return f"unknown config field {path!r} ({hint})"
+  found = re.search(r"[A-Za-z_]\w*", str(e))  # the key, inside nested quotes and escapes
+  key = found.group(0) if found else str(e)
+  for path in overrides:
+    if key in path.split("."):
+      return f"unknown config field {path!r}"
+  return f"unknown config field {key!r}"
+
+
+def _override_path(arg: str) -> str | None:
+  """'--config.prompts.num=3' -> 'prompts.num'; other args -> None."""
+  name = arg.lstrip("-").split("=", 1)[0]
+  return name[len("config."):] if name.startswith("config.") else None
+
+
+def _missing_field_hint(config, parts: list[str]) -> str | None:
+  """None if every component of `parts` is declared; else the did-you-mean text."""
+  import difflib
+  node = config
+  for i, part in enumerate(parts):
+    keys = list(node.keys()) if hasattr(node, "keys") else []
+    if part in keys:
+      node = node[part]
+      continue
+    if not keys:
+      return None  # below a leaf (e.g. a dict-valued field): not a missing-field problem
+    match = difflib.get_close_matches(part, keys, n=1)
+    if match:
+      return f"did you mean {'.'.join(parts[:i] + match + parts[i + 1:])!r}?"
+    where = ".".join(parts[:i]) or "the config"
+    return f"{where} has: {', '.join(sorted(keys))}"
+  return None
+
+
+def _load_config_from_argv(argv: list[str]):
+  """get_config(arg) of the `--config=FILE[:arg]` in argv, or None if that fails."""
+  import importlib.util
+  value = None
+  for i, arg in enumerate(argv):
+    if arg.lstrip("-").startswith("config="):
+      value = arg.split("=", 1)[1]
+    elif arg.lstrip("-") == "config" and arg.startswith("-") and i + 1 < len(argv):
+      value = argv[i + 1]
+  if not value:
+    return None
+  path, _, config_arg = value.partition(":")
+  try:
+    spec = importlib.util.spec_from_file_location("_dtm_config_for_hint", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(config_arg) if config_arg else module.get_config()
+  except Exception:  # any failure: fall back to the exception's own text
+    return None
 
 
 def _flag_message(e: Exception) -> str:

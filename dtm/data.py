@@ -479,27 +479,31 @@ class TrainBatches:
 # --------------------------------------------------------------------------- jsonl
 
 
-def read_prompt_jsonl(path: str | os.PathLike, length: int | None = None) -> np.ndarray:
-  """Prompts from a file of lines `{"ids": [int, ...]}`: int32 [n, c].
+def read_prompt_jsonl(path: str | os.PathLike, length: int | None = None, *,
+                      field: str = 'prompts') -> np.ndarray:
+  """Token-id windows from a file of lines `{"ids": [int, ...]}`: int32 [n, c].
 
-  length None: all rows must have the same length c. Otherwise every row must
-  have >= length ids and is truncated to c = length. Blank lines are skipped.
+  length None: all rows must have the same length c (the first row's). Otherwise
+  every row must have exactly `length` ids (c = length): a row of any other length
+  is a DtmError naming the file:line and both lengths (rows are never truncated).
+  Blank lines are skipped. `field` is the config block whose `jsonl` / `length`
+  fields the messages name ('prompts' for prompts, 'calibration' for calibration).
   """
   path = Path(path).expanduser()
   if not path.is_file():
-    raise DtmError(f'prompt file not found: {path}; check data.prompt_file.')
+    raise DtmError(f'{field} file not found: {path}; check {field}.jsonl.')
   rows = []
   with path.open(encoding='utf-8') as f:
     for lineno, line in enumerate(f, 1):
       if line.strip():
-        rows.append(_parse_prompt_line(path, lineno, line, length, rows))
+        rows.append(_parse_prompt_line(path, lineno, line, length, rows, field))
   if not rows:
-    raise DtmError(f'prompt file {path} holds no prompts; expected lines {{"ids": [...]}}.')
+    raise DtmError(f'token-id file {path} holds no rows; expected lines {{"ids": [...]}}.')
   return np.asarray(rows, np.int32)
 
 
 def _parse_prompt_line(path: Path, lineno: int, line: str, length: int | None,
-                       previous: list[list[int]]) -> list[int]:
+                       previous: list[list[int]], field: str) -> list[int]:
   where = f'{path}:{lineno}'
   try:
     ids = json.loads(line)['ids']
@@ -508,13 +512,12 @@ def _parse_prompt_line(path: Path, lineno: int, line: str, length: int | None,
   if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
                                           for t in ids):
     raise DtmError(f'{where}: "ids" must be a list of ints.')
-  if length is not None:
-    if len(ids) < length:
-      raise DtmError(f'{where}: prompt has {len(ids)} ids, {length} are needed.')
-    return ids[:length]
+  if length is not None and len(ids) != length:
+    raise DtmError(f'{where}: row has {len(ids)} ids but {field}.length is {length}; every row '
+                   f'must have exactly {length} ids (or set {field}.length to match the file).')
   if previous and len(ids) != len(previous[0]):
-    raise DtmError(f'{where}: prompt has {len(ids)} ids but earlier lines have '
-                   f'{len(previous[0])}; all prompts must have the same length.')
+    raise DtmError(f'{where}: row has {len(ids)} ids but earlier lines have '
+                   f'{len(previous[0])}; all rows must have the same length.')
   return ids
 
 

@@ -81,6 +81,25 @@ def test_unknown_config_field(tmp_path, override, field):
   assert_user_error(tmp_path, override, match=("unknown config field", field))
 
 
+@pytest.mark.parametrize("override, message", [
+    ("--config.prompts.lenght=5",
+     "error: unknown config field 'prompts.lenght' (did you mean 'prompts.length'?)"),
+    ("--config.promts.length=5",
+     "error: unknown config field 'promts.length' (did you mean 'prompts.length'?)"),
+    ("--config.prompts.bogus=1",
+     "error: unknown config field 'prompts.bogus' (prompts has: batch_size, jsonl, length, "
+     "new_tokens, num, seed)"),
+])
+def test_misspelt_config_field_suggests_the_declared_one(tmp_path, override, message):
+  assert assert_user_error(tmp_path, override, match=()) == message
+
+
+def test_missing_prompt_file_names_the_config_field(tiny_dir, tmp_path):
+  assert_user_error(tmp_path, f"--config.model={tiny_dir}",
+                    f"--config.prompts.jsonl={tmp_path / 'nope.jsonl'}",
+                    match=("not found", "nope.jsonl", "check prompts.jsonl"))
+
+
 def test_bad_config_value_and_variant(tmp_path):
   assert_user_error(tmp_path, "--config.prompts.num=abc", match=("config.prompts.num", "abc"))
   proc = run_main(tmp_path, config="configs/evaluate.py:bogus=1")

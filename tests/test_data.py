@@ -291,15 +291,19 @@ def test_prompt_jsonl_round_trip(tmp_path):
   got = data.read_prompt_jsonl(path)
   assert got.dtype == np.int32
   np.testing.assert_array_equal(got, ids)
-  np.testing.assert_array_equal(data.read_prompt_jsonl(path, length=3), ids[:, :3])
-  with pytest.raises(DtmError, match='prompts.jsonl:1: prompt has 6 ids, 7 are needed'):
-    data.read_prompt_jsonl(path, length=7)
+  np.testing.assert_array_equal(data.read_prompt_jsonl(path, length=6), ids)
+  for length in (3, 7):  # Rows of another length are an error, never truncated.
+    with pytest.raises(DtmError, match=f'prompts.jsonl:1: row has 6 ids but prompts.length is '
+                                       f'{length}; every row must have exactly {length} ids'):
+      data.read_prompt_jsonl(path, length=length)
+  with pytest.raises(DtmError, match='calibration.length is 3'):
+    data.read_prompt_jsonl(path, length=3, field='calibration')
 
 
 def test_prompt_jsonl_bad_lines(tmp_path):
   path = tmp_path / 'bad.jsonl'
   path.write_text('{"ids": [1, 2, 3]}\n{"ids": [4, 5]}\n')
-  with pytest.raises(DtmError, match='bad.jsonl:2: prompt has 2 ids but earlier lines have 3'):
+  with pytest.raises(DtmError, match='bad.jsonl:2: row has 2 ids but earlier lines have 3'):
     data.read_prompt_jsonl(path)
   path.write_text('{"ids": [1, 2]}\n\n{"tokens": [1, 2]}\n')
   with pytest.raises(DtmError, match='bad.jsonl:3: expected'):
@@ -307,5 +311,5 @@ def test_prompt_jsonl_bad_lines(tmp_path):
   path.write_text('{"ids": [1, "x"]}\n')
   with pytest.raises(DtmError, match='bad.jsonl:1: "ids" must be a list of ints'):
     data.read_prompt_jsonl(path)
-  with pytest.raises(DtmError, match='not found'):
+  with pytest.raises(DtmError, match='not found: .*missing.jsonl; check prompts.jsonl'):
     data.read_prompt_jsonl(tmp_path / 'missing.jsonl')
