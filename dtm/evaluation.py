@@ -115,3 +115,41 @@ def perplexity(cfg: ModelConfig, params, tokens_WT: np.ndarray, ctx_W: np.ndarra
   nll = sum(float(np.sum(s[:n])) for n, (s, _) in host)
   count = sum(int(np.sum(c[:n])) for n, (_, c) in host)
   return {"ppl": metrics.perplexity(nll, count), "nll_sum": nll, "tokens": count}
+
+
+class HeldOut:
+  """Held-out prompts with F's references, and perplexity windows: the validation set
+  of compressed models (the evaluate job, recovery training, pruning rounds).
+
+  `evaluate(params)` -> metrics.aggregate of the DTM pass (FDT_α, mean/median FDT, SDT,
+  DPPL, KL / top-1 when `kl`) plus 'ppl' (context-aware, when windows are given). The
+  base model's head statistics are computed once, at construction.
+  """
+
+  def __init__(self, cfg: ModelConfig, base_params, prompts_PC: np.ndarray,
+               references_PN: np.ndarray, *, batch_size: int, alphas=metrics.DEFAULT_ALPHAS,
+               kl: bool = True, ppl_tokens_WT: np.ndarray | None = None,
+               ppl_ctx_W: np.ndarray | None = None, ppl_batch_size: int = 8):
+    self.cfg = cfg.replace(remat=False)
+    self.seq = np.concatenate([prompts_PC, references_PN], axis=1)
+    self.c = prompts_PC.shape[1]
+    self.batch_size = batch_size
+    self.alphas = tuple(alphas)
+    self.base = base_reference(self.cfg, base_params, self.seq, self.c, batch_size) if kl else None
+    self.ppl_tokens, self.ppl_ctx, self.ppl_batch_size = ppl_tokens_WT, ppl_ctx_W, ppl_batch_size
+
+  def per_prompt(self, params, desc: str = "teacher-forced") -> dict[str, np.ndarray]:
+    return divergence(self.cfg, params, self.seq, self.c, self.batch_size, self.base, desc=desc)
+
+  def perplexity(self, params, desc: str = "perplexity") -> dict[str, float] | None:
+    if self.ppl_tokens is None:
+      return None
+    return perplexity(self.cfg, params, self.ppl_tokens, self.ppl_ctx, self.ppl_batch_size,
+                      desc=desc)
+
+  def evaluate(self, params) -> dict[str, float]:
+    out = metrics.aggregate(self.per_prompt(params, desc="held-out DTMs"), self.alphas)
+    ppl = self.perplexity(params, desc="held-out ppl")
+    if ppl is not None:
+      out["ppl"] = ppl["ppl"]
+    return out

@@ -32,20 +32,19 @@ def run(config, workdir: str) -> dict:
   num_layers, shapes = compress.kernel_shapes(model.params)
   spec = compress.validate(spec, num_layers, shapes)
   ev = common.build_eval_data(config, model.tokenizer)
-  c = ev.prompts.shape[1]
   y = common.references(config, model, ev.prompts, workdir)
-  seq = np.concatenate([ev.prompts, y], axis=1)
-  bs = config.prompts.batch_size
-  base = evaluation.base_reference(cfg, model.params, seq, c, bs) if config.kl else None
+  held = evaluation.HeldOut(
+      cfg, model.params, ev.prompts, y, batch_size=config.prompts.batch_size,
+      alphas=tuple(config.alphas), kl=config.kl,
+      ppl_tokens_WT=None if ev.ppl is None else ev.ppl.tokens,
+      ppl_ctx_W=None if ev.ppl is None else ev.ppl.ctx_len, ppl_batch_size=config.ppl.batch_size)
   params_c, report = compress.apply_spec(model.params, spec)
-  per_prompt = evaluation.divergence(cfg, params_c, seq, c, bs, base)
-  del base
+  per_prompt = held.per_prompt(params_c)
   agg = metrics.aggregate(per_prompt, tuple(config.alphas))
   ppl = {}
   if ev.ppl is not None:
     for name, p in (("base", model.params), ("compressed", params_c)):
-      ppl[name] = evaluation.perplexity(cfg, p, ev.ppl.tokens, ev.ppl.ctx_len,
-                                        config.ppl.batch_size, desc=f"ppl {name}")
+      ppl[name] = held.perplexity(p, desc=f"ppl {name}")
   results = {
       "job": "evaluate", "model": config.model, "model_source": model.source,
       "compression": spec.to_string(), "components": report,

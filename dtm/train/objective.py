@@ -1,0 +1,162 @@
+"""Training objective: next-token cross-entropy and distillation KL(F‖F'), computed over
+vocabulary chunks so that no [B, T, V] float32 tensor is materialised.
+
+Notation: x [B, T, D] the student F' 's final-normed hidden states, W [V, D] its LM head
+(logits s = x Wᵀ); x_t, W_t the frozen teacher F's (logits t = x_t W_tᵀ); τ the
+temperature; y [B, T] the next tokens; m [B, T] the weight of each position (1 for a
+scored target, 0 for padding).
+
+  CE_i  = lse(s_i) − s_i[y_i]                                              (nats)
+  KL_i  = τ² · Σ_v p_v (log p_v − log q_v),  p = softmax(t_i / τ), q = softmax(s_i / τ)
+        = τ² · ( Σ_v p_v (t_v − s_v) / τ − lse(t_i/τ) + lse(s_i/τ) )
+
+(the τ² factor keeps gradient magnitudes comparable across temperatures, as in Hinton
+et al. 2015). One `lax.scan` over vocabulary chunks of `vocab_chunk` rows of W computes,
+per chunk, the student's chunk log-normalisers (at τ = 1 and at τ), the target logit,
+and, with online rescaling of the teacher's running max (flash-attention style), the
+teacher's normaliser and Σ_v e^{t_v/τ − m} (t_v − s_v)/τ. The chunk body is
+`jax.checkpoint`ed, so the backward pass recomputes each chunk's logits instead of
+storing them: peak extra memory is one [B, T, vocab_chunk] block.
+
+Divergence-aware weighting (optional, β > 0): position i's KL is weighted by
+w_i = 1 + β · σ(−margin_i / κ), where margin_i = s_i[g_i] − max_{v ≠ g_i} s_i[v] is the
+student's logit margin at the teacher's greedy token g_i = argmax t_i. Positions where F'
+is close to changing F's greedy token (margin near or below 0) weigh up to 1 + β; the
+weights carry no gradient and are normalised to mean 1 over the scored positions. This
+targets exactly what FDT measures (a change of the greedy token).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dtm.metrics import _vocab_chunks
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """Static description of the loss (a jit static argument).
+
+  alpha: weight of the distillation KL (CE weight 1 − alpha); 0 = CE only (no teacher
+  forward), 1 = KL only. temperature: τ > 0. div_weight: β of the divergence-aware
+  weighting (0 = plain KL). div_margin: κ > 0, the logit-margin scale of that weighting.
+  vocab_chunk: rows of W per chunk (0 = one chunk holding the whole vocabulary).
+  """
+  alpha: float = 0.0
+  temperature: float = 1.0
+  div_weight: float = 0.0
+  div_margin: float = 1.0
+  vocab_chunk: int = 8192
+
+  @property
+  def needs_teacher(self) -> bool:
+    return self.alpha > 0
+
+
+class LossSums(NamedTuple):
+  """Sums over the scored positions of a batch (divide by `tokens` for means)."""
+  loss: jax.Array      # Σ m_i ((1 − α) CE_i + α w_i KL_i), the differentiated quantity
+  ce: jax.Array        # Σ m_i CE_i
+  kl: jax.Array        # Σ m_i KL_i (unweighted; 0 without a teacher)
+  tokens: jax.Array    # Σ m_i
+
+
+def _lse_parts(m, s):
+  return m + jnp.log(s)
+
+
+def chunked_loss(obj: Objective, x_BTD: jax.Array, head_VD: jax.Array, targets_BT: jax.Array,
+                 mask_BT: jax.Array, teacher_x_BTD: jax.Array | None = None,
+                 teacher_head_VD: jax.Array | None = None, *, dtype=jnp.float32) -> LossSums:
+  """`LossSums` of the objective (module docstring) for one batch.
+
+  x_BTD: student final-normed hidden [B, T, D]; head_VD: student head [V, D];
+  targets_BT: int32 next tokens; mask_BT: float/bool weights of the positions;
+  teacher_*: the teacher's (no gradient flows into them), needed when obj.alpha > 0.
+  dtype: matmul input dtype (accumulation float32).
+  """
+  v = head_VD.shape[0]
+  chunk = obj.vocab_chunk or v
+  w, vc = _vocab_chunks(head_VD, chunk, dtype)
+  x = x_BTD.astype(dtype)
+  targets_BT = targets_BT.astype(jnp.int32)
+  mask = mask_BT.astype(jnp.float32)
+  shape = targets_BT.shape
+  distill = obj.needs_teacher
+  inv_tau = 1.0 / obj.temperature
+  if distill:
+    wt, _ = _vocab_chunks(jax.lax.stop_gradient(teacher_head_VD), chunk, dtype)
+    xt = jax.lax.stop_gradient(teacher_x_BTD).astype(dtype)
+  else:
+    wt, xt = jnp.zeros((w.shape[0], 0, 0), dtype), None
+
+  def body(carry, c):
+    m1, s1, mt_, st, acc, ty, gt_val, gt_arg, best_other, mq, sq = carry
+    logits = jnp.einsum("btd,vd->btv", x, c["w"], preferred_element_type=jnp.float32)
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+    valid = iota + c["i"] * vc < v
+    if v % vc:
+      logits = jnp.where(valid, logits, -jnp.inf)
+    # student log-normaliser at τ = 1 (online)
+    cmax = jnp.max(logits, axis=-1)
+    new_m1 = jnp.maximum(m1, cmax)
+    s1 = s1 * jnp.exp(m1 - new_m1) + jnp.sum(jnp.exp(logits - new_m1[..., None]), axis=-1)
+    local = targets_BT - c["i"] * vc
+    inside = (local >= 0) & (local < vc)
+    picked = jnp.take_along_axis(logits, jnp.clip(local, 0, vc - 1)[..., None], axis=-1)[..., 0]
+    ty = jnp.where(inside, picked, ty)
+    if distill:
+      tl = jnp.einsum("btd,vd->btv", xt, c["wt"], preferred_element_type=jnp.float32)
+      tl = jax.lax.stop_gradient(jnp.where(valid, tl, -jnp.inf) * inv_tau)
+      sl = logits * inv_tau
+      # student normaliser at τ
+      new_mq = jnp.maximum(mq, cmax * inv_tau)
+      sq = sq * jnp.exp(mq - new_mq) + jnp.sum(jnp.exp(sl - new_mq[..., None]), axis=-1)
+      # teacher normaliser and Σ e^{t − m} (t − s/τ), rescaled online
+      tmax = jnp.max(tl, axis=-1)
+      new_mt = jnp.maximum(mt_, tmax)
+      scale = jnp.exp(mt_ - new_mt)
+      e = jnp.exp(tl - new_mt[..., None])
+      st = st * scale + jnp.sum(e, axis=-1)
+      acc = acc * scale + jnp.sum(jnp.where(valid, e * (tl - sl), 0.0), axis=-1)
+      # teacher's greedy token (first max) and the student's logit there
+      carg = jnp.min(jnp.where(tl == tmax[..., None], iota, vc), axis=-1)
+      take = tmax > mt_
+      s_at = jnp.take_along_axis(logits, carg[..., None], axis=-1)[..., 0]
+      # the best student logit outside the teacher's argmax: keep the running max of the
+      # chunk's logits excluding the chunk argmax, plus the displaced previous candidate
+      masked = jnp.where(iota == carg[..., None], -jnp.inf, logits)
+      chunk_other = jnp.max(masked, axis=-1)
+      best_other = jnp.where(take, jnp.maximum(jnp.maximum(best_other, gt_val), chunk_other),
+                             jnp.maximum(best_other, cmax))
+      gt_val = jnp.where(take, s_at, gt_val)
+      gt_arg = jnp.where(take, carg + c["i"] * vc, gt_arg)
+      mt_, mq = new_mt, new_mq
+    return (new_m1, s1, mt_, st, acc, ty, gt_val, gt_arg, best_other, mq, sq), None
+
+  neg = jnp.full(shape, -jnp.inf)
+  zeros = jnp.zeros(shape, jnp.float32)
+  init = (neg, zeros, neg, zeros, zeros, zeros, neg, jnp.zeros(shape, jnp.int32), neg, neg, zeros)
+  xs = {"w": w, "i": jnp.arange(w.shape[0], dtype=jnp.int32)}
+  if distill:
+    xs["wt"] = wt
+  carry, _ = jax.lax.scan(jax.checkpoint(body), init, xs)
+  m1, s1, mt_, st, acc, ty, gt_val, _, best_other, mq, sq = carry
+  ce = _lse_parts(m1, s1) - ty
+  ce_sum = jnp.sum(ce * mask)
+  tokens = jnp.sum(mask)
+  if not distill:
+    return LossSums(ce_sum, ce_sum, jnp.zeros((), jnp.float32), tokens)
+  kl = obj.temperature ** 2 * (acc / st - _lse_parts(mt_, st) + _lse_parts(mq, sq))
+  weight = jnp.ones_like(kl)
+  if obj.div_weight > 0:
+    margin = jax.lax.stop_gradient(gt_val - best_other)
+    weight = 1.0 + obj.div_weight * jax.nn.sigmoid(-margin / obj.div_margin)
+    weight = weight * tokens / jnp.maximum(jnp.sum(weight * mask), 1e-9)
+    weight = jax.lax.stop_gradient(weight)
+  kl_sum = jnp.sum(kl * mask)
+  loss = (1.0 - obj.alpha) * ce_sum + obj.alpha * jnp.sum(weight * kl * mask)
+  return LossSums(loss, ce_sum, kl_sum, tokens)
