@@ -15,6 +15,13 @@ Spec grammar (one string, usable as an ml_collections field or on the command li
             absmax(bits, granularity=channel, group_size)
                                              2 <= bits <= 8; granularity tensor|channel|group;
                                              group_size only (and required) for 'group'
+            wanda(rate) | wanda(n, m)        Wanda (|w| * ||x_j||), per output row / N:M
+            sparsegpt(rate) | sparsegpt(n, m), percdamp=0.01, blocksize=128
+                                             SparseGPT (OBS updates, blocks of columns)
+            (wanda and sparsegpt need calibration statistics: `apply_spec(...,
+            calibration=...)` or `calibration.calibrate_and_compress`; one positional
+            argument is the rate, two are n, m: wanda(0.5) == wanda(rate=0.5),
+            wanda(2,4) == wanda(n=2,m=4); n is the number KEPT of every m, as in nm)
 
   e.g. "down@*:magnitude(0.5); q@3:absmax(bits=8,granularity=channel); gate,up@0-3,7:nm(2,4)"
 
@@ -99,12 +106,35 @@ _SIGNATURES: dict[str, tuple[_Param, ...]] = {
     "nm": (_Param("n", _to_int), _Param("m", _to_int)),
     "absmax": (_Param("bits", _to_int), _Param("granularity", _to_str, False, "channel"),
                _Param("group_size", _to_int, False, None)),
+    "wanda": (_Param("rate", _to_float, False), _Param("n", _to_int, False),
+              _Param("m", _to_int, False)),
+    "sparsegpt": (_Param("rate", _to_float, False), _Param("n", _to_int, False),
+                  _Param("m", _to_int, False), _Param("percdamp", _to_float, False, 0.01),
+                  _Param("blocksize", _to_int, False, 128)),
 }
 METHOD_NAMES: tuple[str, ...] = tuple(_SIGNATURES)
 
+# Methods that take either (rate) or (n, m): positionally one argument is the rate, two
+# are n and m.
+_RATE_OR_NM: tuple[str, ...] = ("wanda", "sparsegpt")
+# Methods that need calibration statistics (`apply_spec(..., calibration=...)`), and
+# those of them that need the input Hessian (not just its diagonal).
+CALIBRATED_METHODS: frozenset[str] = frozenset({"wanda", "sparsegpt"})
+HESSIAN_METHODS: frozenset[str] = frozenset({"sparsegpt"})
+
 
 def _signature_text(name: str) -> str:
+  if name in _RATE_OR_NM:
+    extra = [f"{p.name}={p.default}" for p in _SIGNATURES[name][3:]]
+    return f"{name}(rate) or {name}(n, m)" + (f", optional {', '.join(extra)}" if extra else "")
   return f"{name}({', '.join(p.name for p in _SIGNATURES[name])})"
+
+
+def _positional_names(name: str, count: int) -> tuple[str, ...]:
+  """Argument names of `count` positional arguments of method `name`."""
+  if name in _RATE_OR_NM:
+    return ("rate",) if count == 1 else ("n", "m")
+  return tuple(p.name for p in _SIGNATURES[name])
 
 
 def _check_values(name: str, a: dict[str, Any]) -> None:
@@ -131,6 +161,30 @@ def _check_values(name: str, a: dict[str, Any]) -> None:
                      f"write absmax(bits={a['bits']},granularity=group,group_size={g})")
     if g is not None and g < 1:
       raise DtmError(f"absmax group_size must be >= 1, got {g}")
+  if name in _RATE_OR_NM:
+    _check_rate_or_nm(name, a)
+
+
+def _check_rate_or_nm(name: str, a: dict[str, Any]) -> None:
+  rate, n, m = a["rate"], a["n"], a["m"]
+  if not ((rate is not None and n is None and m is None)
+          or (rate is None and n is not None and m is not None)):
+    raise DtmError(f"{name} takes either a sparsity rate or n and m (keep n of every m), e.g. "
+                   f"{name}(0.5) or {name}(2,4); got "
+                   f"{', '.join(f'{k}={v}' for k, v in a.items() if v is not None) or 'none'}")
+  if rate is not None and not (math.isfinite(rate) and 0.0 <= rate < 1.0):
+    raise DtmError(f"{name} sparsity rate must be in [0, 1), got {rate}")
+  if n is not None:
+    if m < 1 or n < 0:
+      raise DtmError(f"{name}(n={n}, m={m}): need m >= 1 and n >= 0")
+    if n > m:
+      raise DtmError(f"{name}(n={n}, m={m}): N:M pruning keeps n of every m weights, so n must "
+                     f"be <= m")
+  if "percdamp" in a and not (math.isfinite(a["percdamp"]) and a["percdamp"] >= 0):
+    raise DtmError(f"{name} percdamp (dampening, a fraction of the mean Hessian diagonal) must "
+                   f"be >= 0, got {a['percdamp']}")
+  if "blocksize" in a and a["blocksize"] < 1:
+    raise DtmError(f"{name} blocksize must be >= 1, got {a['blocksize']}")
 
 
 def _normalize_args(name: str, args: Any) -> tuple[tuple[str, Any], ...]:
@@ -210,6 +264,7 @@ def parse_method(text: str) -> Method:
   args: dict[str, str] = {}
   items = [s.strip() for s in arg_text.split(",")] if arg_text and arg_text.strip() else []
   seen_keyword = False
+  positional = _positional_names(name, sum("=" not in item for item in items))
   for pos, item in enumerate(items):
     if "=" in item:
       key, value = (s.strip() for s in item.split("=", 1))
@@ -217,9 +272,9 @@ def parse_method(text: str) -> Method:
     else:
       if seen_keyword:
         raise DtmError(f"{text.strip()!r}: positional argument {item!r} after a keyword argument")
-      if pos >= len(params):
+      if pos >= len(positional):
         raise DtmError(f"{text.strip()!r}: too many arguments; signature is {_signature_text(name)}")
-      key, value = params[pos].name, item
+      key, value = positional[pos], item
     if not value:
       raise DtmError(f"{text.strip()!r}: empty argument {item!r}")
     if key in args:
@@ -387,9 +442,9 @@ def _check_shape(comp: Component, method: Method, out_in: tuple[int, int]) -> No
   if method.name == "absmax" and a["granularity"] == "group" and in_dim % a["group_size"]:
     raise DtmError(f"absmax group_size {a['group_size']} does not divide the input dimension of "
                    f"{comp.name} (HF weight [out={out_dim}, in={in_dim}])")
-  if method.name == "nm" and in_dim % a["m"]:
-    raise DtmError(f"nm(n={a['n']}, m={a['m']}): m={a['m']} does not divide the input dimension of "
-                   f"{comp.name} (HF weight [out={out_dim}, in={in_dim}])")
+  if method.name in ("nm",) + _RATE_OR_NM and a.get("m") and in_dim % a["m"]:
+    raise DtmError(f"{method.name}(n={a['n']}, m={a['m']}): m={a['m']} does not divide the input "
+                   f"dimension of {comp.name} (HF weight [out={out_dim}, in={in_dim}])")
 
 
 def validate(spec: str | Spec, num_layers: int, shapes: Mapping[str, tuple[int, int]]) -> Spec:
@@ -590,6 +645,51 @@ def compress(w_OI: jax.Array, method: Method):
   return fn(w_OI, **method.kwargs)
 
 
+def compress_calibrated(w_OI: jax.Array, method: Method, stats, component: Component | None = None):
+  """Apply a method of CALIBRATED_METHODS to one HF weight [out, in] -> (w', stats dict).
+
+  `stats` holds the statistics of the weight's input over the calibration tokens
+  (`calibration.InputStats` or anything with the same attributes): `sq_norms` f32 [in]
+  (Wanda) and `hessian` f32 [in, in] (SparseGPT). The stats dict is `compress`'s plus,
+  for sparsegpt, 'damp' (f32 [], the relative dampening used). Not traceable: a
+  Hessian that SparseGPT cannot factorize (`sparsegpt.inverse_hessian_factor`) raises
+  DtmError naming `component` and the dampenings tried.
+  """
+  from dtm.compress import sparsegpt as sparsegpt_lib  # lazy: those modules import this one
+  from dtm.compress import wanda as wanda_lib
+  what = component.name if component is not None else f"a weight of shape {tuple(w_OI.shape)}"
+  in_dim = w_OI.shape[1]
+  args = method.kwargs
+  if method.name == "wanda":
+    _check_stat(stats, "sq_norms", (in_dim,), what, method)
+    w = wanda_lib.wanda(w_OI, stats.sq_norms, **args)
+    return w, _stats(w, _dtype_bits(w.dtype))
+  if method.name == "sparsegpt":
+    _check_stat(stats, "hessian", (in_dim, in_dim), what, method)
+    w, damp = sparsegpt_lib.sparsegpt(w_OI, stats.hessian, **args)
+    if not math.isfinite(float(damp)):
+      tried = ", ".join(f"{d:g}" for d in sparsegpt_lib.damp_schedule(args["percdamp"]))
+      raise DtmError(
+          f"sparsegpt: the input Hessian of {what} is not positive definite even after "
+          f"dampening (tried H + d * mean(diag H) * I for d = {tried}, each followed by "
+          f"Cholesky factorizations of the matrix and its inverse); the calibration "
+          f"activations may hold inf/NaN, or the statistics are not a Gram matrix "
+          f"sum_t x_t x_t^T")
+    return w, {**_stats(w, _dtype_bits(w.dtype)), "damp": damp}
+  raise ValueError(f"{method.name} is not a calibrated method")
+
+
+def _check_stat(stats, name: str, shape: tuple[int, ...], what: str, method: Method) -> None:
+  value = getattr(stats, name, None)
+  if value is None:
+    raise DtmError(f"{method.to_string()} on {what} needs the calibration statistic {name!r}, "
+                   f"which was not collected (collect_statistics(..., hessian=True) collects "
+                   f"the Hessian)")
+  if tuple(value.shape) != shape:
+    raise DtmError(f"calibration statistic {name!r} for {what} has shape {tuple(value.shape)}, "
+                   f"expected {shape}; were the statistics collected on this model?")
+
+
 # ------------------------------------------------------------------------------ params tree
 
 
@@ -617,7 +717,8 @@ def _set_path(tree, path: tuple[str, ...], value):
   return flax.core.FrozenDict(new) if frozen else new
 
 
-def apply_spec(params, spec: str | Spec, *, batch_size: int | None = None):
+def apply_spec(params, spec: str | Spec, *, batch_size: int | None = None,
+               calibration: Mapping[Component, Any] | None = None):
   """Compress the components selected by `spec` -> (new_params, report).
 
   Pure: the input tree is not modified; untouched leaves are the same arrays. Components
@@ -626,12 +727,24 @@ def apply_spec(params, spec: str | Spec, *, batch_size: int | None = None):
   large models). report[Component.name] = {'method': canonical method string,
   'sparsity': achieved fraction of exact zeros, 'bits': bits per weight}, ordered by name.
   Raises DtmError if the spec does not fit the model (see `validate`).
+
+  Methods of CALIBRATED_METHODS (wanda, sparsegpt) need `calibration`: a mapping
+  Component -> input statistics (`calibration.collect_statistics(cfg, params, windows)`,
+  every statistic from the original model); they are applied one component at a time
+  and sparsegpt's report entries also hold 'damp'. For the reference procedure, where
+  layer l's statistics come from the already compressed layers < l, use
+  `calibration.calibrate_and_compress`.
   """
   num_layers, shapes = kernel_shapes(params)
   spec = validate(spec, num_layers, shapes)
   groups: dict[tuple[str, Method], list[int]] = collections.defaultdict(list)
+  calibrated: dict[Component, Method] = {}
   for comp, method in spec.resolve(num_layers).items():
-    groups[(comp.kind, method)].append(comp.layer)
+    if method.name in CALIBRATED_METHODS:
+      calibrated[comp] = method
+    else:
+      groups[(comp.kind, method)].append(comp.layer)
+  _check_calibration(calibrated, calibration)
   new_params, device_stats = params, {}
   for (kind, method), layers in groups.items():
     path = kernel_path(kind)
@@ -646,4 +759,59 @@ def apply_spec(params, spec: str | Spec, *, batch_size: int | None = None):
       report[Component(layer, kind).name] = {"method": method.to_string(),
                                              "sparsity": float(stats["sparsity"][i]),
                                              "bits": int(stats["bits"][i])}
+  new_params, calibrated_report = _apply_calibrated(new_params, calibrated, calibration)
+  report.update(calibrated_report)
   return new_params, dict(sorted(report.items()))
+
+
+def _check_calibration(calibrated: Mapping[Component, Method], calibration) -> None:
+  if not calibrated:
+    return
+  first = next(iter(calibrated))
+  if calibration is None:
+    raise DtmError(
+        f"compression method {calibrated[first].name} ({first.name}, ...) needs calibration "
+        f"statistics: pass apply_spec(..., calibration=dtm.compress.calibration."
+        f"collect_statistics(cfg, params, windows)), or run dtm.compress.calibration."
+        f"calibrate_and_compress(cfg, params, spec, windows) (layer by layer, as the "
+        f"reference implementations)")
+  missing = [c.name for c in calibrated if c not in calibration]
+  if missing:
+    raise DtmError(f"calibration statistics are missing for {', '.join(missing[:5])}"
+                   f"{' ...' if len(missing) > 5 else ''} (needed by {calibrated[first].name}); "
+                   f"collect them for every layer the spec prunes")
+
+
+def report_entry(method: Method, stats) -> dict[str, Any]:
+  """One report record from a (host) stats dict of `compress` / `compress_calibrated`."""
+  entry = {"method": method.to_string(), "sparsity": float(stats["sparsity"]),
+           "bits": int(stats["bits"])}
+  if "damp" in stats:
+    entry["damp"] = float(stats["damp"])
+  return entry
+
+
+def set_layers(kernel_LIO: jax.Array, layers: list[int], kernels_IO: list[jax.Array]) -> jax.Array:
+  """Copy of the stacked kernel with kernel[layers[i]] = kernels_IO[i] (one jitted update)."""
+  return _set_layers(kernel_LIO, jnp.asarray(layers, jnp.int32), jnp.stack(kernels_IO))
+
+
+@jax.jit
+def _set_layers(kernel_LIO, layers_N, new_NIO):
+  return kernel_LIO.at[layers_N].set(new_NIO.astype(kernel_LIO.dtype))
+
+
+def _apply_calibrated(params, calibrated: Mapping[Component, Method], calibration):
+  """Compress each component of `calibrated` with its statistics; one update per kind."""
+  by_kind: dict[str, list[tuple[int, jax.Array]]] = collections.defaultdict(list)
+  report = {}
+  for comp, method in calibrated.items():
+    kernel = get_path(params, kernel_path(comp.kind))
+    w, stats = compress_calibrated(kernel[comp.layer].T, method, calibration[comp], comp)
+    by_kind[comp.kind].append((comp.layer, w.T))
+    report[comp.name] = report_entry(method, jax.device_get(stats))
+  for kind, items in by_kind.items():
+    path = kernel_path(kind)
+    kernel = set_layers(get_path(params, path), [l for l, _ in items], [k for _, k in items])
+    params = _set_path(params, path, kernel)
+  return params, report

@@ -1,0 +1,177 @@
+"""SparseGPT: one-shot pruning with OBS weight updates (Frantar & Alistarh 2023,
+arXiv 2301.00774), following IST-DASLab/sparsegpt `SparseGPT.fasterprune`.
+
+A pure function of an HF-layout weight w_OI [out, in] and the Hessian of its input,
+H = sum_t x_t x_t^T [in, in] (`InputStats.hessian` from `dtm.compress.calibration`).
+The reference accumulates 2/nsamples * sum_t x_t x_t^T (nsamples = calibration
+sequences); any positive factor on H leaves the result unchanged up to rounding: the
+dampening is relative (percdamp * mean diag H), the scores w^2 / d^2 scale by the
+factor uniformly, and the updates use ratios of entries of U = chol(H^-1).
+
+Steps (all float32, as the reference):
+  1. dead inputs (H_jj == 0): H_jj = 1 and W[:, j] = 0.
+  2. H += percdamp * mean(diag H) * I; U = upper Cholesky factor of H^-1
+     (the reference: cholesky, cholesky_inverse, cholesky(upper=True)).
+  3. columns in blocks of `blocksize` (for n:m rounded up to a multiple of m, so N:M
+     groups never straddle blocks; the same blocks as the reference when m divides it).
+     Unstructured: at the start of a block, with the block's weights as updated by the
+     earlier blocks, score = W_ij^2 / U_jj^2 over the whole block [out, count]; the
+     mask is score <= the value at position k = num_pruned(rate, out * count) of the
+     sorted scores, exactly the reference's `tmp <= sort(tmp.flatten())[k]`: so k + 1
+     weights per block (more on exact ties; no tie-breaking is needed). rate == 0
+     prunes nothing (the reference would still prune each block's minimum).
+     n:m: at every m-th column of a block, from the current (updated) weights, the m - n
+     lowest scores of each row's group of m are pruned (n are kept: dtm's convention;
+     the reference's prunen is the number pruned); ties -> lower index pruned first.
+  4. column by column: q = w with the masked entries zeroed, err = (w - q) / U_ii,
+     W[:, i:] -= err U[i, i:] inside the block; after the block the lazy batch update
+     W[:, later] -= Err U[block, later].
+
+Failure: if a Cholesky factor is not finite (H not positive definite after dampening:
+NaN/inf activations, or a matrix that is not a Gram matrix), the relative dampening is
+retried x10 while it stays <= MAX_DAMP (percdamp 0 retries from 0.01). `sparsegpt`
+returns the dampening used, NaN if every try failed; the caller raises (see
+`dtm.compress.compress_calibrated`), since a jitted function cannot.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+PERCDAMP = 0.01    # the reference's default relative dampening
+BLOCKSIZE = 128    # the reference's default block of columns
+MAX_DAMP = 1.0     # largest relative dampening tried after a failed factorization
+_HI = lax.Precision.HIGHEST
+
+
+def damp_schedule(percdamp: float) -> tuple[float, ...]:
+  """Relative dampenings tried in order: percdamp, then x10 while <= MAX_DAMP."""
+  damps, d = [percdamp], (percdamp if percdamp > 0 else 0.001)
+  while d * 10 <= MAX_DAMP * (1 + 1e-9):
+    d *= 10
+    damps.append(d)
+  return tuple(damps)
+
+
+def prepare_hessian(w_OI: jax.Array, hessian_II: jax.Array):
+  """Dead-input handling: (W with dead columns zeroed f32, H with H_jj = 1 there f32)."""
+  h = hessian_II.astype(jnp.float32)
+  dead = jnp.diagonal(h) == 0
+  h = h + jnp.diag(dead.astype(jnp.float32))
+  w = jnp.where(dead[None, :], 0.0, w_OI.astype(jnp.float32))
+  return w, h
+
+
+def inverse_hessian_factor(h_II: jax.Array, percdamp: float) -> tuple[jax.Array, jax.Array]:
+  """(U f32 [in, in] upper triangular with U^T U = (H + damp * mean(diag H) * I)^-1,
+  damp used); damp is NaN (and U not finite) if no dampening of `damp_schedule` works."""
+  n = h_II.shape[0]
+  eye = jnp.eye(n, dtype=jnp.float32)
+  mean_diag = jnp.mean(jnp.diagonal(h_II))
+  damps = jnp.asarray(damp_schedule(percdamp), jnp.float32)
+
+  def attempt(damp):
+    lower = jnp.linalg.cholesky(h_II + damp * mean_diag * eye)
+    h_inv = jax.scipy.linalg.cho_solve((lower, True), eye)
+    return jnp.linalg.cholesky(h_inv, upper=True)
+
+  def body(state):
+    i, _, _ = state
+    u = attempt(damps[i])
+    return i + 1, u, jnp.all(jnp.isfinite(u))
+
+  i, u, ok = lax.while_loop(lambda s: (~s[2]) & (s[0] < damps.shape[0]), body,
+                            (jnp.int32(0), jnp.full((n, n), jnp.nan, jnp.float32), False))
+  return u, jnp.where(ok, damps[jnp.maximum(i - 1, 0)], jnp.nan)
+
+
+def _block_width(in_dim: int, blocksize: int, m: int | None) -> int:
+  bs = blocksize if m is None else -(-blocksize // m) * m
+  return min(bs, in_dim)
+
+
+def _nm_group_pruned(score_Om: jax.Array, n: int, m: int) -> jax.Array:
+  from dtm.compress import nm_rank  # the package imports this module lazily
+  return nm_rank(score_Om, m) < m - n
+
+
+def obs_prune(w_OI: jax.Array, u_II: jax.Array, rate: float | None, n: int | None,
+              m: int | None, blocksize: int) -> jax.Array:
+  """Steps 3-4 of the module doc on f32 W [out, in] (dead columns already zeroed) and
+  U [in, in]; returns the pruned, updated f32 W."""
+  from dtm.compress import num_pruned  # the package imports this module lazily
+  out_dim, in_dim = w_OI.shape
+  bs = _block_width(in_dim, blocksize, m)
+  num_blocks = math.ceil(in_dim / bs)
+  padded = num_blocks * bs
+  pad = padded - in_dim
+  # Padding columns: w = 0, U = identity there; they neither change nor are changed by
+  # the real columns (U is block-diagonal across the pad) and never enter a mask.
+  w = jnp.pad(w_OI, ((0, 0), (0, pad)))
+  u = jnp.pad(u_II, ((0, pad), (0, pad))) + jnp.diag(
+      (jnp.arange(padded) >= in_dim).astype(jnp.float32))
+  last_count = in_dim - (num_blocks - 1) * bs
+  k_full = num_pruned(rate, out_dim * bs) if rate else 0
+  k_last = num_pruned(rate, out_dim * last_count) if rate else 0
+
+  def block(b, w):
+    i1 = b * bs
+    w1 = lax.dynamic_slice_in_dim(w, i1, bs, axis=1)             # [out, bs]
+    u1 = lax.dynamic_slice(u, (i1, i1), (bs, bs))                 # [bs, bs]
+    d1 = jnp.diagonal(u1)
+    if rate:
+      valid = i1 + jnp.arange(bs) < in_dim
+      score = jnp.where(valid[None, :], w1 * w1 / (d1 * d1)[None, :], jnp.inf)
+      k = jnp.where(b == num_blocks - 1, k_last, k_full)
+      mask1 = score <= jnp.sort(score.reshape(-1))[k]
+    else:
+      mask1 = jnp.zeros((out_dim, bs), bool)
+
+    def column(i, carry):
+      w1, q1, err1, mask1 = carry
+      if n is not None:
+        def select(mask1):
+          group = lax.dynamic_slice_in_dim(w1, i, m, axis=1)
+          dg = lax.dynamic_slice_in_dim(d1, i, m)
+          pruned = _nm_group_pruned(group * group / (dg * dg)[None, :], n, m)
+          return lax.dynamic_update_slice_in_dim(mask1, pruned, i, axis=1)
+        mask1 = lax.cond(i % m == 0, select, lambda x: x, mask1)
+      wi = lax.dynamic_index_in_dim(w1, i, axis=1, keepdims=False)   # [out]
+      q = jnp.where(lax.dynamic_index_in_dim(mask1, i, axis=1, keepdims=False), 0.0, wi)
+      err = (wi - q) / u1[i, i]
+      # U is upper triangular: U[i, :i] == 0, so this only changes columns >= i.
+      w1 = w1 - err[:, None] * u1[i][None, :]
+      q1 = lax.dynamic_update_index_in_dim(q1, q, i, axis=1)
+      err1 = lax.dynamic_update_index_in_dim(err1, err, i, axis=1)
+      return w1, q1, err1, mask1
+
+    zeros = jnp.zeros((out_dim, bs), jnp.float32)
+    _, q1, err1, _ = lax.fori_loop(0, bs, column, (w1, zeros, zeros, mask1))
+    rows = lax.dynamic_slice_in_dim(u, i1, bs, axis=0)             # [bs, padded]
+    later = jnp.arange(padded) >= i1 + bs
+    w = jnp.where(later[None, :], w - jnp.dot(err1, rows, precision=_HI), w)
+    return lax.dynamic_update_slice_in_dim(w, q1, i1, axis=1)
+
+  w = lax.fori_loop(0, num_blocks, block, w)
+  return w[:, :in_dim]
+
+
+@functools.partial(jax.jit, static_argnames=("rate", "n", "m", "percdamp", "blocksize"))
+def sparsegpt(w_OI: jax.Array, hessian_II: jax.Array, rate: float | None = None,
+              n: int | None = None, m: int | None = None, percdamp: float = PERCDAMP,
+              blocksize: int = BLOCKSIZE) -> tuple[jax.Array, jax.Array]:
+  """SparseGPT -> (pruned, OBS-updated weight like w_OI [out, in], f32 [] relative
+  dampening used, NaN if H could not be factorized: then the weight is not finite).
+
+  hessian_II: f32 [in, in], sum_t x_t x_t^T of the layer input (any positive scale).
+  Give either `rate` (0 <= rate < 1, per block as the reference) or `n` and `m` (keep
+  n of every m consecutive inputs; in % m == 0).
+  """
+  w, h = prepare_hessian(w_OI, hessian_II)
+  u, damp = inverse_hessian_factor(h, percdamp)
+  w = obs_prune(w, u, rate, n, m, blocksize)
+  return w.astype(w_OI.dtype), damp
