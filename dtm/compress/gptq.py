@@ -21,8 +21,11 @@ quirk for agreement with the reference.
 
 GPTQ specifics (all as the reference, unless noted):
   * H is sum_t x_t x_t^T of the layer input (the reference accumulates 2/n sum_t x_t x_t^T);
-    any positive factor on H leaves the result unchanged, because dampening is relative
-    (damp * mean(diag H)) and the updates use ratios of entries of chol(H^-1).
+    a positive factor on H leaves the result unchanged (bit for bit for a power of two,
+    up to float32 rounding otherwise), because dampening is relative (damp * mean(diag H))
+    and the updates use ratios of entries of chol(H^-1). The one exception, also in the
+    reference: a dead input's H_jj = 1 is not scaled, and it enters mean(diag H) and the
+    act order.
   * per-channel grids come from the original weights; dead inputs (H_jj == 0) get
     H_jj = 1 and W[:, j] = 0.
   * act_order: columns in descending diag(H) order (ties: lower index first; torch's
@@ -41,7 +44,8 @@ GPTQ specifics (all as the reference, unless noted):
     relative dampening used. If every try fails, `gptq` raises DtmError (under an
     outer trace it cannot: then result.damp is NaN and the caller must check it).
 
-Everything runs in float32 on one jit per (shape, static arguments).
+Everything runs in float32. bits, sym, act_order, static_groups and the dampening are
+traced: one compilation per (shapes, group_size, block_size).
 """
 from __future__ import annotations
 
@@ -92,32 +96,32 @@ def _exact_div(a: jax.Array, b) -> jax.Array:
   return a / lax.optimization_barrier(b)
 
 
-def minmax_grid(x: jax.Array, bits: int, sym: bool, axis: int = -1):
+def minmax_grid(x: jax.Array, bits, sym, axis: int = -1):
   """The reference `Quantizer.find_params` over `axis`: (scale, zero) float32 with that
-  axis removed; zero holds integer values (module docstring)."""
-  maxq = 2 ** bits - 1
+  axis removed; zero holds integer values (module docstring). bits and sym may be traced."""
+  maxq = _maxq(bits)
   x = x.astype(jnp.float32)
   xmin = jnp.minimum(jnp.min(x, axis=axis), 0.0)
   xmax = jnp.maximum(jnp.max(x, axis=axis), 0.0)
-  if sym:
-    xmax = jnp.maximum(jnp.abs(xmin), xmax)
-    xmin = jnp.where(xmin < 0, -xmax, xmin)
+  xmax = jnp.where(sym, jnp.maximum(jnp.abs(xmin), xmax), xmax)
+  xmin = jnp.where(sym & (xmin < 0), -xmax, xmin)
   flat = (xmin == 0) & (xmax == 0)
   xmin = jnp.where(flat, -1.0, xmin)
   xmax = jnp.where(flat, 1.0, xmax)
-  scale = _exact_div(xmax - xmin, float(maxq))
-  if sym:
-    zero = jnp.full_like(scale, (maxq + 1) / 2)
-  else:
-    zero = jnp.round(_exact_div(-xmin, scale))
+  scale = _exact_div(xmax - xmin, maxq)
+  zero = jnp.where(sym, (maxq + 1) / 2, jnp.round(_exact_div(-xmin, scale)))
   return scale, zero
 
 
-def quantize(w: jax.Array, scale: jax.Array, zero: jax.Array, bits: int):
+def quantize(w: jax.Array, scale: jax.Array, zero: jax.Array, bits):
   """(code, w') on the grid (scale, zero), all float32 and broadcasting:
   code = clip(round(w / scale) + zero, 0, 2^bits - 1), w' = scale * (code - zero)."""
-  code = jnp.clip(jnp.round(_exact_div(w, scale)) + zero, 0.0, float(2 ** bits - 1))
+  code = jnp.clip(jnp.round(_exact_div(w, scale)) + zero, 0.0, _maxq(bits))
   return code, scale * (code - zero)
+
+
+def _maxq(bits) -> jax.Array:
+  return (2.0 ** jnp.asarray(bits, jnp.float32)) - 1.0
 
 
 # ------------------------------------------------------------------------------- arguments
@@ -157,8 +161,8 @@ def _damp_schedule(damp: float) -> tuple[float, ...]:
 # -------------------------------------------------------------------------------------- RTN
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym"))
-def _rtn(w_OI, bits: int, group_size: int | None, sym: bool) -> QuantResult:
+@functools.partial(jax.jit, static_argnames=("group_size",))
+def _rtn(w_OI, bits, sym, *, group_size: int | None) -> QuantResult:
   out_dim, in_dim = w_OI.shape
   g = _group_width(in_dim, group_size)
   w_OGg = w_OI.astype(jnp.float32).reshape(out_dim, in_dim // g, g)
@@ -175,48 +179,47 @@ def rtn(w_OI: jax.Array, bits: int, group_size: int | None = None, sym: bool = F
   """Round-to-nearest on the min-max grid (module docstring) of every output row, or of
   every (row, group of group_size consecutive input columns): the GPTQ baseline."""
   _check_args(w_OI, bits, group_size, name)
-  return _rtn(w_OI, bits=bits, group_size=None if group_size == -1 else group_size, sym=bool(sym))
+  return _rtn(w_OI, jnp.int32(bits), jnp.bool_(sym),
+              group_size=None if group_size == -1 else group_size)
 
 
 # ------------------------------------------------------------------------------------- GPTQ
 
 
-def _inverse_hessian_factor(H: jax.Array, damps: tuple[float, ...]):
+def _inverse_hessian_factor(H: jax.Array, damps: jax.Array):
   """(U, damp): U upper with U^T U = (H + damp * mean(diag H) * I)^-1, for the first damp of
-  `damps` whose factors are finite; (non-finite U, NaN) if none is."""
+  `damps` whose factor is finite; (non-finite U, NaN) if none is.
+
+  U is the reference's cholesky(cholesky_inverse(cholesky(H)), upper=True) computed with
+  one factorization: with J the reversal, J H J = L L^T gives H = R R^T, R = J L J upper,
+  so H^-1 = (R^-1)^T R^-1 and U = R^-1 = J L^-1 J (the factor with a positive diagonal is
+  unique).
+  """
   n = H.shape[0]
   eye = jnp.eye(n, dtype=jnp.float32)
+  H_rev = H[::-1, ::-1]
   mean_diag = jnp.mean(jnp.diag(H))
-  damps_arr = jnp.asarray(damps, jnp.float32)
-
-  def factor(k):
-    L = jnp.linalg.cholesky(H + damps_arr[k] * mean_diag * eye)
-    Hinv = jax.scipy.linalg.cho_solve((L, True), eye)
-    U = jnp.triu(jnp.linalg.cholesky(Hinv).T)
-    return U, jnp.all(jnp.isfinite(U)) & jnp.all(jnp.diag(U) > 0)
-
-  def cond(state):
-    k, _, ok = state
-    return ~ok & (k < len(damps) - 1)
 
   def body(state):
-    k, _, _ = state
-    U, ok = factor(k + 1)
-    return k + 1, U, ok
+    k = state[0] + 1
+    L = jnp.linalg.cholesky(H_rev + damps[k] * mean_diag * eye)
+    U = jax.scipy.linalg.solve_triangular(L, eye, lower=True)[::-1, ::-1]
+    return k, U, jnp.all(jnp.isfinite(U)) & jnp.all(jnp.diag(U) > 0)
 
-  U0, ok0 = factor(0)
-  k, U, ok = lax.while_loop(cond, body, (jnp.int32(0), U0, ok0))
-  return U, jnp.where(ok, damps_arr[k], jnp.nan)
+  k, U, ok = lax.while_loop(lambda s: ~s[2] & (s[0] < damps.shape[0] - 1), body,
+                            (jnp.int32(-1), jnp.zeros_like(H), jnp.bool_(False)))
+  return jnp.triu(U), jnp.where(ok, damps[k], jnp.nan)
 
 
-def _gptq_columns(Wt, U, scale_GO, zero_GO, gidx, *, n: int, bits: int, sym: bool, group: int,
-                  dynamic: bool, block: int):
+def _gptq_columns(Wt, U, scale_GO, zero_GO, gidx, bits, sym, dynamic, *, n: int, group: int,
+                  block: int):
   """The GPTQ loop over the (permuted, padded) columns.
 
   Wt: [N, out] weights, one row per input column, N a multiple of `block`, rows >= n zero
   padding; U: [N, N] upper Cholesky factor of H^-1 (identity on the padding); scale_GO,
-  zero_GO: [G, out] grids (filled here when `dynamic`); gidx: int32 [N] group of each
-  processed column. Returns (codes float32 [N, out], scale_GO, zero_GO).
+  zero_GO: [G, out] grids (recomputed at each group's first column when `dynamic`, a
+  traced bool; group=None: one fixed grid); gidx: int32 [N] the group of each processed
+  column. Returns (codes float32 [N, out], scale_GO, zero_GO).
   """
   N, out_dim = Wt.shape
   rows = jnp.arange(N)
@@ -235,9 +238,10 @@ def _gptq_columns(Wt, U, scale_GO, zero_GO, gidx, *, n: int, bits: int, sym: boo
     def column_step(i, inner):
       W1, Err1, Q1, scale_GO, zero_GO = inner
       k = i1 + i
-      if dynamic:
-        scale_GO, zero_GO = lax.cond((k % group == 0) & (k < n), functools.partial(new_grid, k),
-                                     lambda grids: grids, (scale_GO, zero_GO))
+      if group is not None:
+        scale_GO, zero_GO = lax.cond(dynamic & (k % group == 0) & (k < n),
+                                     functools.partial(new_grid, k), lambda grids: grids,
+                                     (scale_GO, zero_GO))
       w = W1[i]
       code, q = quantize(w, scale_GO[gidx[k]], zero_GO[gidx[k]], bits)
       err = (w - q) / U1[i, i]
@@ -259,16 +263,17 @@ def _gptq_columns(Wt, U, scale_GO, zero_GO, gidx, *, n: int, bits: int, sym: boo
   return codes, scale_GO, zero_GO
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "act_order", "sym",
-                                             "static_groups", "damps", "block_size"))
-def _gptq(w_OI, H, *, bits: int, group_size: int | None, act_order: bool, sym: bool,
-          static_groups: bool, damps: tuple[float, ...], block_size: int) -> QuantResult:
+@functools.partial(jax.jit, static_argnames=("group_size", "block_size"))
+def _gptq(w_OI, H, bits, sym, act_order, static_groups, damps, *, group_size: int | None,
+          block_size: int) -> QuantResult:
+  """bits (int32), sym, act_order, static_groups (bool) and damps (float32 [tries]) are
+  traced, so one compilation serves every level of a shape."""
   out_dim, n = w_OI.shape
   W = w_OI.astype(jnp.float32)
   H = H.astype(jnp.float32)
   g = _group_width(n, group_size)
   G = n // g
-  dynamic = group_size is not None and not static_groups
+  dynamic = jnp.bool_(False) if group_size is None else ~static_groups
   idx = jnp.arange(n, dtype=jnp.int32)
 
   if group_size is None:  # per-channel grid from the original weights
@@ -278,25 +283,19 @@ def _gptq(w_OI, H, *, bits: int, group_size: int | None, act_order: bool, sym: b
   dead = diag == 0
   H = H + jnp.diag(jnp.where(dead, 1.0, 0.0))
   W = jnp.where(dead[None, :], 0.0, W)
-  if group_size is not None:
-    if dynamic:
-      scale_GO, zero_GO = jnp.ones((G, out_dim), jnp.float32), jnp.zeros((G, out_dim), jnp.float32)
-    else:
-      scale_OG, zero_OG = minmax_grid(W.reshape(out_dim, G, g), bits, sym)
-      scale_GO, zero_GO = scale_OG.T, zero_OG.T
+  if group_size is not None:  # static grids; dynamic ones are overwritten in the loop
+    scale_OG, zero_OG = minmax_grid(W.reshape(out_dim, G, g), bits, sym)
+    scale_GO, zero_GO = scale_OG.T, zero_OG.T
 
-  perm = jnp.argsort(-jnp.diag(H), stable=True).astype(jnp.int32) if act_order else idx
+  perm = jnp.where(act_order, jnp.argsort(-jnp.diag(H), stable=True).astype(jnp.int32), idx)
   invperm = jnp.argsort(perm).astype(jnp.int32)
   W = W[:, perm]
   H = H[perm][:, perm]
   U, damp = _inverse_hessian_factor(H, damps)
 
-  if group_size is None:
-    gidx, g_idx = jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.int32)
-  elif dynamic:  # groups are runs of processed columns
-    gidx, g_idx = idx // g, invperm // g
-  else:  # groups are runs of original columns
-    gidx, g_idx = perm // g, idx // g
+  # gidx: group of the k-th processed column; g_idx: group of input column j
+  gidx = jnp.where(dynamic, idx // g, perm // g)
+  g_idx = jnp.where(dynamic, invperm // g, idx // g)
 
   block = min(block_size, n)
   N = -(-n // block) * block
@@ -304,8 +303,9 @@ def _gptq(w_OI, H, *, bits: int, group_size: int | None, act_order: bool, sym: b
   Wt = jnp.pad(W.T, ((0, pad), (0, 0)))
   U = jnp.pad(U, ((0, pad), (0, pad))) + jnp.diag(jnp.where(jnp.arange(N) >= n, 1.0, 0.0))
   gidx = jnp.pad(gidx, (0, pad), mode="edge")
-  codes_NO, scale_GO, zero_GO = _gptq_columns(Wt, U, scale_GO, zero_GO, gidx, n=n, bits=bits,
-                                              sym=sym, group=g, dynamic=dynamic, block=block)
+  codes_NO, scale_GO, zero_GO = _gptq_columns(
+      Wt, U, scale_GO, zero_GO, gidx, bits, sym, dynamic, n=n,
+      group=None if group_size is None else g, block=block)
   codes = codes_NO[:n].T[:, invperm]
   scale, zero = scale_GO.T, zero_GO.T
   w = scale[:, g_idx] * (codes - zero[:, g_idx])
@@ -318,29 +318,31 @@ def gptq(w_OI: jax.Array, H: jax.Array, bits: int, group_size: int | None = None
          block_size: int = 128, static_groups: bool | None = None,
          name: str = "the weight") -> QuantResult:
   """GPTQ (Frantar et al. 2023) of w_OI [out, in] given H [in, in] = sum_t x_t x_t^T of the
-  layer input x_t [in] (any positive multiple gives the same result).
+  layer input x_t [in] (any positive multiple gives the same result, see the module
+  docstring for the one exception).
 
   bits: 2..8; group_size: None or -1 for one grid per output row, else a divisor of `in`;
   act_order: process columns in descending diag(H) order; sym: symmetric grid; damp:
   relative dampening (damp * mean(diag H) is added to diag H); block_size: columns per
   lazy batch update; static_groups: compute group grids before quantizing (default:
-  act_order). `name` names the component in errors. See the module docstring for the
-  grid and the reference's conventions. Raises DtmError for bad arguments and when H
-  cannot be factored even with dampening MAX_DAMP.
+  act_order). `name` names the component in errors. One compilation per (shapes,
+  group_size, block_size, number of dampening tries). Raises DtmError for bad arguments
+  and when H cannot be factored even with dampening MAX_DAMP.
   """
   _check_args(w_OI, bits, group_size, name)
   in_dim = w_OI.shape[1]
   if tuple(getattr(H, "shape", ())) != (in_dim, in_dim):
     raise DtmError(f"GPTQ of {name}: the Hessian must be [in, in] = [{in_dim}, {in_dim}] for an HF "
                    f"weight [out={w_OI.shape[0]}, in={in_dim}], got {tuple(getattr(H, 'shape', ()))}")
-  if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
+  if isinstance(damp, bool) or not (isinstance(damp, (int, float)) and math.isfinite(damp)
+                                    and damp >= 0):
     raise DtmError(f"GPTQ of {name}: damp must be a finite number >= 0, got {damp!r}")
   if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
     raise DtmError(f"GPTQ of {name}: block_size must be a positive integer, got {block_size!r}")
-  group_size = None if group_size == -1 else group_size
-  res = _gptq(w_OI, H, bits=bits, group_size=group_size, act_order=bool(act_order), sym=bool(sym),
-              static_groups=bool(act_order if static_groups is None else static_groups),
-              damps=_damp_schedule(damp), block_size=block_size)
+  static = act_order if static_groups is None else static_groups
+  res = _gptq(w_OI, H, jnp.int32(bits), jnp.bool_(sym), jnp.bool_(act_order), jnp.bool_(static),
+              jnp.asarray(_damp_schedule(damp), jnp.float32),
+              group_size=None if group_size == -1 else group_size, block_size=block_size)
   if not isinstance(res.damp, jax.core.Tracer) and math.isnan(float(res.damp)):
     raise DtmError(f"GPTQ of {name}: the Cholesky factorization of the Hessian failed (H is not "
                    f"positive definite) even with dampening {MAX_DAMP} x mean(diag H); check the "
