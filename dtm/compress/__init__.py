@@ -53,6 +53,7 @@ from typing import Any, Callable, Mapping
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dtm.components import KINDS, Component, all_components, get_path, kernel_path
 from dtm.errors import DtmError
@@ -786,8 +787,8 @@ def report_entry(method: Method, stats) -> dict[str, Any]:
   """One report record from a (host) stats dict of `compress` / `compress_calibrated`."""
   entry = {"method": method.to_string(), "sparsity": float(stats["sparsity"]),
            "bits": int(stats["bits"])}
-  if "damp" in stats:
-    entry["damp"] = float(stats["damp"])
+  if "damp" in stats:  # the f32 value's shortest repr: 0.01, not 0.009999999776
+    entry["damp"] = float(str(np.float32(stats["damp"])))
   return entry
 
 

@@ -1,0 +1,350 @@
+"""Calibration statistics of the inputs of every linear component, and the layer-by-layer
+"calibrate and compress" procedure of SparseGPT / Wanda / GPTQ.
+
+The model runs one decoder layer at a time on calibration windows (int32 [n, T] token
+ids). For every layer it records, at each of the layer's four input *sites*,
+
+  site      components   the input x_t (one row per token t)
+  attn_in   q, k, v      the attention-normed hidden state
+  o_in      o            the attention output before o (heads concatenated)
+  mlp_in    gate, up     the MLP-normed hidden state
+  down_in   down         silu(gate(x)) * up(x)
+
+  sq_norms_j = sum_t x_tj^2              f32 [in]      (Wanda's ||X_j||_2^2)
+  hessian    = sum_t x_t x_t^T           f32 [in, in]  (SparseGPT / GPTQ's H)
+
+summed over all n * T tokens (`InputStats.tokens`). The references normalise per
+calibration *sequence*, not per token: Wanda's scaler_row is sq_norms / n and
+SparseGPT's / GPTQ's H is 2 / n * hessian (nsamples counts `add_batch` calls of one
+sequence each); `InputStats.wanda_scaler` / `reference_hessian` give those. A positive
+factor changes no Wanda mask and no SparseGPT / GPTQ result (their dampening is
+relative to mean(diag H)), so the methods take the raw sums.
+
+The inputs are captured without touching the model code: `layer_inputs` runs the
+model's own `DecoderLayer` under `flax.linen.intercept_methods` and keeps the first
+argument of the `Attention`, `o`, `MLP` and `down` calls. Activations keep the model's
+dtype; the statistics accumulate in float32 (HIGHEST precision matmuls).
+
+Modes (`collect_statistics`):
+  * parallel: every statistic comes from the original model.
+  * sequential (the references' procedure): layer l's statistics come from the hidden
+    states produced by the already compressed layers 0..l-1 (layer l itself is still
+    the original when its statistics are taken); a `compress_layer` callback compresses
+    layer l before its output is fed forward.
+
+Windows are processed in batches of `batch_size` (a `lax.scan` inside one jitted
+function per layer pass, compiled once for all layers). With a `mesh`, the window axis
+of the activations is sharded over the mesh axis `axis` (NamedSharding): each device
+runs its windows' share of every batch and XLA all-reduces the statistics.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dtm import compress as C
+from dtm import data
+from dtm.components import KINDS, Component, get_path, kernel_path
+from dtm.errors import DtmError
+from dtm.model import MLP, Attention, DecoderLayer, Linear, Llama
+from dtm.model_config import ModelConfig
+
+SITES: tuple[str, ...] = ("attn_in", "o_in", "mlp_in", "down_in")
+SITE_OF_KIND: dict[str, str] = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in",
+                                "gate": "mlp_in", "up": "mlp_in", "down": "down_in"}
+MODES: tuple[str, ...] = ("parallel", "sequential")
+_HI = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class InputStats:
+  """Statistics of the input x_t [in] of one linear map over the calibration tokens.
+
+  sq_norms: f32 [in], sum_t x_tj^2.
+  hessian:  f32 [in, in], sum_t x_t x_t^T, or None if not collected.
+  tokens:   number of rows t summed (windows * window length).
+  windows:  number of calibration windows (the references' nsamples).
+  """
+  sq_norms: jax.Array
+  hessian: jax.Array | None
+  tokens: int
+  windows: int
+
+  @property
+  def wanda_scaler(self) -> jax.Array:
+    """locuslab/wanda's `scaler_row`: sum_t x_tj^2 / windows."""
+    return self.sq_norms / self.windows
+
+  @property
+  def reference_hessian(self) -> jax.Array:
+    """IST-DASLab sparsegpt / gptq's H: 2 / windows * sum_t x_t x_t^T."""
+    return self.hessian * (2.0 / self.windows)
+
+
+# --------------------------------------------------------------------------- windows
+
+
+def calibration_windows(tokens: np.ndarray, *, samples: int, length: int, seed: int,
+                        bos_id: int | None = None) -> np.ndarray:
+  """`samples` windows of `length` tokens from one token stream: int32 [samples, length].
+
+  Non-overlapping spans at seeded random offsets (`data.prompt_windows`; with `bos_id`,
+  BOS then length - 1 stream tokens). The references draw `nsamples` random windows of
+  `seqlen` tokens from C4 / WikiText in the same spirit. A stream with fewer than
+  samples * length tokens is a DtmError.
+  """
+  tokens = np.asarray(tokens, np.int32)
+  body = length - (bos_id is not None)
+  if samples < 1 or body < 1:
+    raise DtmError(f"calibration needs samples >= 1 and length >= {1 + (bos_id is not None)}, "
+                   f"got samples={samples}, length={length}")
+  if tokens.size < samples * body:
+    raise DtmError(f"not enough calibration data: {samples} windows of {length} tokens need "
+                   f"{samples * body} stream tokens, the corpus has {tokens.size}; use more "
+                   f"documents or fewer / shorter calibration windows")
+  return data.prompt_windows(tokens, num=samples, length=length, seed=seed, bos_id=bos_id)
+
+
+def read_calibration_jsonl(path: str | os.PathLike, *, samples: int, length: int) -> np.ndarray:
+  """The first `samples` rows of a JSONL file of `{"ids": [...]}` lines: int32 [samples,
+  length]. Every row must have exactly `length` ids (else DtmError naming file:line and
+  both lengths); fewer than `samples` rows is a DtmError."""
+  windows = data.read_prompt_jsonl(path, length=length, field="calibration")
+  if windows.shape[0] < samples:
+    raise DtmError(f"not enough calibration data: {path} has {windows.shape[0]} rows of "
+                   f"{length} tokens, {samples} are needed ({samples} x {length} tokens)")
+  return windows[:samples]
+
+
+# ------------------------------------------------------------------------------- capture
+
+
+def layer_inputs(cfg: ModelConfig, layer_params, h_BTD: jax.Array, positions_T: jax.Array):
+  """One decoder layer (params without the L axis) -> (h' [B, T, D], {site: x [B, T, in]}).
+
+  The layer is the model's own `DecoderLayer`; the site inputs are the first arguments
+  of its Attention, o, MLP and down calls, recorded by a method interceptor.
+  """
+  captured: dict[str, jax.Array] = {}
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__":
+      if isinstance(module, Attention):
+        captured["attn_in"] = args[0]
+      elif isinstance(module, MLP):
+        captured["mlp_in"] = args[0]
+      elif isinstance(module, Linear) and module.name in ("o", "down"):
+        captured[f"{module.name}_in"] = args[0]
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    out, _ = DecoderLayer(cfg).apply({"params": layer_params}, h_BTD, None, (positions_T, None))
+  assert set(captured) == set(SITES), sorted(captured)
+  return out, captured
+
+
+def _site_stats(x_BTI: jax.Array, hessian: bool) -> dict[str, jax.Array]:
+  x = x_BTI.reshape(-1, x_BTI.shape[-1])
+  x32 = x.astype(jnp.float32)
+  stats = {"sq_norms": jnp.sum(x32 * x32, axis=0)}
+  if hessian:
+    stats["hessian"] = jnp.dot(x.T, x, precision=_HI, preferred_element_type=jnp.float32)
+  return stats
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "stats", "hessian", "sharding"))
+def _layer_pass(cfg: ModelConfig, layer_params, h_NTD: jax.Array, *, batch_size: int,
+                stats: bool, hessian: bool, sharding: NamedSharding | None):
+  """h [n, T, D] -> (layer output [n, T, D], {site: summed stats} or {}).
+
+  Batch i holds windows {b * (n / B) + i : b < B}: with the window axis sharded in
+  contiguous blocks, every batch is then spread evenly over the devices (no resharding).
+  """
+  n, t, d = h_NTD.shape
+  h_iBTD = h_NTD.reshape(batch_size, n // batch_size, t, d).swapaxes(0, 1)
+  if sharding is not None:
+    h_iBTD = jax.lax.with_sharding_constraint(
+        h_iBTD, NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec)))
+  positions = jnp.arange(t, dtype=jnp.int32)
+  dims = {"attn_in": d, "o_in": cfg.num_attention_heads * cfg.head_dim, "mlp_in": d,
+          "down_in": cfg.intermediate_size}
+  init = {}
+  if stats:
+    for site, dim in dims.items():
+      init[site] = {"sq_norms": jnp.zeros((dim,), jnp.float32)}
+      if hessian:
+        init[site]["hessian"] = jnp.zeros((dim, dim), jnp.float32)
+
+  def step(acc, h_BTD):
+    out, xs = layer_inputs(cfg, layer_params, h_BTD, positions)
+    if stats:
+      acc = jax.tree.map(jnp.add, acc, {s: _site_stats(xs[s], hessian) for s in SITES})
+    return acc, out
+
+  acc, out_iBTD = jax.lax.scan(step, init, h_iBTD)
+  out = out_iBTD.swapaxes(0, 1).reshape(n, t, d)
+  if sharding is not None:
+    out = jax.lax.with_sharding_constraint(out, sharding)
+  return out, acc
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _embed(cfg: ModelConfig, embed_params, tokens_NT: jax.Array) -> jax.Array:
+  return Llama(cfg).apply({"params": {"embed": embed_params}}, tokens_NT,
+                          method=lambda model, t: model.embed(t))
+
+
+def layer_params(params, layer: int):
+  """Params of one decoder layer (the stacked 'layers' subtree indexed at `layer`)."""
+  return jax.tree.map(lambda x: x[layer], params["layers"])
+
+
+def _sharding(mesh: Mesh | None, axis: str) -> NamedSharding | None:
+  return None if mesh is None else NamedSharding(mesh, PartitionSpec(axis))
+
+
+def _check_windows(windows, batch_size: int, mesh: Mesh | None, axis: str) -> np.ndarray:
+  windows = np.asarray(windows)
+  if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 1:
+    raise DtmError(f"calibration windows must be int [n, T] token ids, got shape {windows.shape}")
+  n = windows.shape[0]
+  if batch_size < 1 or n % batch_size:
+    raise DtmError(f"calibration batch_size={batch_size} must divide the number of "
+                   f"calibration windows ({n})")
+  if mesh is not None and batch_size % mesh.shape[axis]:
+    raise DtmError(f"calibration batch_size={batch_size} must be a multiple of the "
+                   f"{mesh.shape[axis]} devices of mesh axis {axis!r}")
+  return windows.astype(np.int32)
+
+
+def _input_stats(acc: Mapping[str, Mapping[str, jax.Array]], layer: int, tokens: int,
+                 windows: int) -> dict[Component, InputStats]:
+  per_site = {site: InputStats(a["sq_norms"], a.get("hessian"), tokens, windows)
+              for site, a in acc.items()}
+  return {Component(layer, kind): per_site[SITE_OF_KIND[kind]] for kind in KINDS}
+
+
+LayerFn = Callable[[int, Any, Mapping[str, InputStats]], Any]
+
+
+def collect_statistics(cfg: ModelConfig, params, windows, *, mode: str = "parallel",
+                       compress_layer: LayerFn | None = None, batch_size: int = 8,
+                       hessian: bool = True, layers: set[int] | None = None,
+                       mesh: Mesh | None = None, axis: str = "data"
+                       ) -> dict[Component, InputStats]:
+  """Input statistics of every component -> {Component: InputStats} (layer-major; q, k, v
+  share one InputStats object, as do gate and up).
+
+  windows: int [n, T] token ids (n a multiple of batch_size). mode 'parallel': all
+  statistics from `params`. mode 'sequential': after layer l's statistics are taken,
+  `compress_layer(l, layer_params, {site: InputStats})` returns that layer's params
+  (compressed, or the same object to keep it), and layer l + 1 sees the output of the
+  returned layer. hessian=False collects only sq_norms (Wanda). `layers`: only these
+  layers' statistics (the forward pass still runs every layer below the last one).
+  mesh / axis: shard the window axis of the activations over mesh axis `axis`.
+  """
+  if mode not in MODES:
+    raise DtmError(f"calibration mode must be one of {', '.join(MODES)}, got {mode!r}")
+  if mode == "sequential" and compress_layer is None:
+    raise DtmError("sequential calibration needs a compress_layer callback (or use "
+                   "calibrate_and_compress)")
+  result: dict[Component, InputStats] = {}
+
+  def visit(layer, lp, stats):
+    result.update(stats)
+    return compress_layer(layer, lp, stats) if mode == "sequential" else lp
+
+  run_layers(cfg, params, windows, visit, batch_size=batch_size, hessian=hessian,
+             stats_layers=layers, mesh=mesh, axis=axis)
+  return result
+
+
+def run_layers(cfg: ModelConfig, params, windows, visit, *, batch_size: int = 8,
+               hessian: bool = True, stats_layers: set[int] | None = None,
+               mesh: Mesh | None = None, axis: str = "data") -> jax.Array:
+  """The layer loop shared by every calibration procedure; returns the last hidden state.
+
+  For each layer l: if l is in stats_layers (None: all), one pass of the original layer
+  gives its output and statistics, and `visit(l, layer_params, {Component: InputStats})`
+  returns the params to continue with; when they are not the same object, a second pass
+  recomputes the output with them. Layers without statistics make one pass and are
+  not visited. Stops after the last layer that is visited when stats_layers is given.
+  """
+  windows = _check_windows(windows, batch_size, mesh, axis)
+  sharding = _sharding(mesh, axis)
+  n, t = windows.shape
+  tokens = jnp.asarray(windows) if sharding is None else jax.device_put(windows, sharding)
+  h = _embed(cfg, params["embed"], tokens)
+  num_layers = cfg.num_layers
+  last = num_layers - 1 if stats_layers is None else max(stats_layers, default=-1)
+  run = functools.partial(_layer_pass, cfg, batch_size=batch_size, sharding=sharding)
+  for layer in range(last + 1):
+    lp = layer_params(params, layer)
+    if stats_layers is not None and layer not in stats_layers:
+      h, _ = run(lp, h, stats=False, hessian=False)
+      continue
+    out, acc = run(lp, h, stats=True, hessian=hessian)
+    new_lp = visit(layer, lp, _input_stats(acc, layer, n * t, n))
+    h = out if new_lp is lp else run(new_lp, h, stats=False, hessian=False)[0]
+  return h
+
+
+# ------------------------------------------------------------------ calibrate and compress
+
+
+def calibrate_and_compress(cfg: ModelConfig, params, spec: str | C.Spec, windows, *,
+                           batch_size: int = 8, mesh: Mesh | None = None, axis: str = "data"):
+  """Apply `spec` layer by layer as the reference implementations do -> (new_params, report).
+
+  For l = 0..L-1: the statistics of layer l's inputs are taken on the hidden states of the
+  already compressed layers < l (sequential mode), every component of layer l that the
+  spec names is compressed (calibrated methods with those statistics, the others as
+  `apply_spec` does), and the compressed layer's output is fed to layer l + 1. The
+  Hessian is collected only if a method needs it; layers past the last one the spec
+  names are not run. `report` is `apply_spec`'s. Raises DtmError like `apply_spec`
+  (and for a Hessian SparseGPT cannot factorize).
+  """
+  num_layers, shapes = C.kernel_shapes(params)
+  spec = C.validate(spec, num_layers, shapes)
+  resolved = spec.resolve(num_layers)
+  by_layer: dict[int, dict[str, C.Method]] = {}
+  for comp, method in resolved.items():
+    by_layer.setdefault(comp.layer, {})[comp.kind] = method
+  hessian = any(m.name in C.HESSIAN_METHODS for m in resolved.values())
+  new_kernels: dict[str, list[tuple[int, jax.Array]]] = {}
+  report: dict[str, dict] = {}
+
+  def visit(layer, lp, stats):
+    lp = dict(lp)
+    for kind, method in by_layer[layer].items():
+      comp = Component(layer, kind)
+      _, module, _, leaf = kernel_path(kind)
+      w_OI = lp[module][kind][leaf].T
+      if method.name in C.CALIBRATED_METHODS:
+        new_OI, st = C.compress_calibrated(w_OI, method, stats[comp], comp)
+      else:
+        new_OI, st = C.compress(w_OI, method)
+      lp[module] = {**lp[module], kind: {**lp[module][kind], leaf: new_OI.T}}
+      new_kernels.setdefault(kind, []).append((layer, new_OI.T))
+      report[comp.name] = C.report_entry(method, jax.device_get(st))
+    return lp
+
+  if by_layer:
+    run_layers(cfg, params, windows, visit, batch_size=batch_size, hessian=hessian,
+               stats_layers=set(by_layer), mesh=mesh, axis=axis)
+  new_params = params
+  for kind, items in new_kernels.items():
+    path = kernel_path(kind)
+    kernel = C.set_layers(get_path(new_params, path), [l for l, _ in items],
+                          [k for _, k in items])
+    new_params = C._set_path(new_params, path, kernel)
+  return new_params, dict(sorted(report.items()))
