@@ -40,8 +40,9 @@ def ref_quantize(x, scale, zero, bits):
 
 def ref_gptq(W, H, bits, groupsize=-1, actorder=False, sym=False, percdamp=0.01, blocksize=128,
              static_groups=False):
-  """gptq.py GPTQ.fasterquant in float64 (grids in float32). Returns (Q, codes, scale [rows, G], ratio, perm):
-  ratio[:, j] is the w / scale that was rounded for column j (original order)."""
+  """gptq.py GPTQ.fasterquant in float64 (grids in float32). Returns (Q, codes,
+  scale [rows, G], ratio, perm): ratio[:, j] is the w / scale that was rounded for column j
+  (original order)."""
   W, H = W.astype(np.float64), H.astype(np.float64).copy()
   rows, cols = W.shape
   g = cols if groupsize == -1 else groupsize
@@ -147,7 +148,8 @@ def test_gptq_equals_reference(bits, group_size, act_order, sym, block_size, sta
   # the outputs describe one another exactly
   g = np.asarray(res.g_idx)
   codes, scale, zero = np.asarray(res.codes), np.asarray(res.scale), np.asarray(res.zero)
-  np.testing.assert_array_equal(np.asarray(res.w), scale[:, g] * (codes - zero[:, g]).astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(res.w),
+                                scale[:, g] * (codes - zero[:, g]).astype(np.float32))
   assert codes.min() >= 0 and codes.max() <= 2 ** bits - 1
   expected_g = np.arange(IN) // (group_size or IN)
   if group_size and act_order and not static:
@@ -175,7 +177,8 @@ def test_rtn_equals_reference_bit_exact(bits, group_size, sym):
   assert (np.asarray(res.w)[3] == 0).all()
 
 
-@pytest.mark.parametrize("bits, group_size, act_order", [(4, 64, False), (4, 64, True), (3, None, True)])
+@pytest.mark.parametrize("bits, group_size, act_order",
+                         [(4, 64, False), (4, 64, True), (3, None, True)])
 def test_gptq_output_error_below_rtn(bits, group_size, act_order):
   W, X, H = problem(2)
   err = lambda w: np.linalg.norm((W.astype(np.float64) - np.asarray(w, np.float64)) @ X)

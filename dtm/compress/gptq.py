@@ -37,8 +37,9 @@ GPTQ specifics (all as the reference, unless noted):
     groups (the default with act_order, the reference's static_groups=True) every
     group's grid is computed up front on the original column order (after dead-input
     zeroing), so groups stay runs of consecutive input columns under act_order.
-  * U = upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; columns are processed
-    in blocks of block_size with the reference's lazy batch updates.
+  * U = upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 (the reference's factor,
+    from one Cholesky factorization and a triangular inverse instead of its three steps);
+    columns are processed in blocks of block_size with the reference's lazy batch updates.
   * if a Cholesky factor is not finite, the dampening is retried x10 while it stays
     <= MAX_DAMP (from damp = 0 the first retry is 0.01); `damp` in the result is the
     relative dampening used. If every try fails, `gptq` raises DtmError (under an
@@ -121,7 +122,8 @@ def quantize(w: jax.Array, scale: jax.Array, zero: jax.Array, bits):
 
 
 def _maxq(bits) -> jax.Array:
-  return (2.0 ** jnp.asarray(bits, jnp.float32)) - 1.0
+  """float32 2^bits - 1 (exact, by an integer shift)."""
+  return (jnp.left_shift(jnp.int32(1), jnp.asarray(bits, jnp.int32)) - 1).astype(jnp.float32)
 
 
 # ------------------------------------------------------------------------------- arguments
@@ -211,8 +213,8 @@ def _inverse_hessian_factor(H: jax.Array, damps: jax.Array):
   return jnp.triu(U), jnp.where(ok, damps[k], jnp.nan)
 
 
-def _gptq_columns(Wt, U, scale_GO, zero_GO, gidx, bits, sym, dynamic, *, n: int, group: int,
-                  block: int):
+def _gptq_columns(Wt, U, scale_GO, zero_GO, gidx, bits, sym, dynamic, *, n: int,
+                  group: int | None, block: int):
   """The GPTQ loop over the (permuted, padded) columns.
 
   Wt: [N, out] weights, one row per input column, N a multiple of `block`, rows >= n zero
@@ -332,8 +334,9 @@ def gptq(w_OI: jax.Array, H: jax.Array, bits: int, group_size: int | None = None
   _check_args(w_OI, bits, group_size, name)
   in_dim = w_OI.shape[1]
   if tuple(getattr(H, "shape", ())) != (in_dim, in_dim):
+    got = tuple(getattr(H, "shape", ()))
     raise DtmError(f"GPTQ of {name}: the Hessian must be [in, in] = [{in_dim}, {in_dim}] for an HF "
-                   f"weight [out={w_OI.shape[0]}, in={in_dim}], got {tuple(getattr(H, 'shape', ()))}")
+                   f"weight [out={w_OI.shape[0]}, in={in_dim}], got {got}")
   if isinstance(damp, bool) or not (isinstance(damp, (int, float)) and math.isfinite(damp)
                                     and damp >= 0):
     raise DtmError(f"GPTQ of {name}: damp must be a finite number >= 0, got {damp!r}")

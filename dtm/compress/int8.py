@@ -123,7 +123,8 @@ def _llm_int8(x, w_OI, threshold: float, outlier_weights: str):
   outlier, qx, ax = llm_int8_split(x, threshold)
   qw, aw = quantize_weight(w_OI)
   y = _rescale(int8_matmul(qx, qw), ax, aw)
-  w_float = w_OI.astype(x.dtype) if outlier_weights == "float" else dequantize(qw, aw).astype(x.dtype)
+  w_float = w_OI if outlier_weights == "float" else dequantize(qw, aw)
+  w_float = w_float.astype(x.dtype)
   x_out = jnp.where(outlier, x, jnp.zeros_like(x))
   y_out = lax.dot_general(x_out, w_float, (((x.ndim - 1,), (1,)), ((), ())),
                           preferred_element_type=jnp.float32)
