@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -22,18 +23,33 @@ from dtm.components import KINDS, Component
 from dtm.compress import calibration as cal
 from dtm.compress import wanda as W
 from dtm.errors import DtmError
-from dtm.model import init_params
+from dtm.model import abstract_params
 from dtm.model_config import ModelConfig
 
 CFG = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                   max_position_embeddings=64)
-N, T, BATCH = 8, 16, 4
+N, T, BATCH = 8, 16, 4  # most calls take all N windows in one batch (a faster compile)
+
+
+def random_params(cfg: ModelConfig, seed: int):
+  """Random params of the model's tree (no init compile): kernels and embeddings
+  normal(0.02), norm scales 1 + normal(0.1)."""
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, x):
+    name = jax.tree_util.keystr(path)
+    if "scale" in name:
+      return (1 + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+    return (0.02 * rng.standard_normal(x.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(lambda p, x: jnp.asarray(leaf(p, x)),
+                                          abstract_params(cfg))
 
 
 @pytest.fixture(scope="module")
 def params():
-  return init_params(CFG, seed=0)
+  return random_params(CFG, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +59,7 @@ def windows():
 
 @pytest.fixture(scope="module")
 def parallel(params, windows):
-  return cal.collect_statistics(CFG, params, windows, batch_size=BATCH)
+  return cal.collect_statistics(CFG, params, windows, batch_size=N)
 
 
 # ------------------------------------------------------------------- NumPy reference layer
@@ -117,18 +133,29 @@ def test_statistics_equal_float64_reference(params, windows, parallel):
                              np.asarray(parallel[Component(1, "o")].sq_norms), rtol=1e-6)
 
 
-def _magnitude_layer(layer, lp, stats):
-  lp = jax.tree.map(lambda a: a, lp)  # a copy of the containers
-  for kind in KINDS:
-    module = C.kernel_path(kind)[1]
-    w, _ = C.compress(lp[module][kind]["kernel"].T, C.parse_method("magnitude(0.5)"))
-    lp[module][kind]["kernel"] = w.T
-  return lp
+def _shrink(kernels, rows=slice(None)):
+  """A stand-in compression: kernels (any tree of them) with their first 8 input rows
+  zeroed, on the layers `rows` of a stacked kernel (cheap: no per-shape compile)."""
+  return jax.tree.map(lambda k: k.at[rows, :8].set(0) if k.ndim == 3 else k.at[:8].set(0),
+                      kernels)
+
+
+def _shrink_layer(layer, lp, stats):
+  return {**lp, "attn": {**lp["attn"], **_shrink({k: lp["attn"][k] for k in "qkvo"})},
+          "mlp": _shrink(lp["mlp"])}
+
+
+def _shrink_below(params, layer):
+  """params with layers < layer compressed by `_shrink`."""
+  rows = slice(0, layer)
+  layers = params["layers"]
+  return {**params, "layers": {**layers, "attn": _shrink(layers["attn"], rows),
+                               "mlp": _shrink(layers["mlp"], rows)}}
 
 
 def test_sequential_sees_the_compressed_layers_below(params, windows, parallel):
-  seq = cal.collect_statistics(CFG, params, windows, mode="sequential", batch_size=BATCH,
-                               compress_layer=_magnitude_layer)
+  seq = cal.collect_statistics(CFG, params, windows, mode="sequential", batch_size=N,
+                               compress_layer=_shrink_layer)
   for kind in KINDS:  # layer 0: the same input, the same original layer
     np.testing.assert_array_equal(np.asarray(seq[Component(0, kind)].hessian),
                                   np.asarray(parallel[Component(0, kind)].hessian))
@@ -137,21 +164,21 @@ def test_sequential_sees_the_compressed_layers_below(params, windows, parallel):
       assert not np.allclose(np.asarray(seq[Component(layer, kind)].hessian),
                              np.asarray(parallel[Component(layer, kind)].hessian), rtol=1e-3)
     # exactly: layer l's statistics are those of the model with layers < l compressed
-    below, _ = C.apply_spec(params, f"*@0-{layer - 1}:magnitude(0.5)")
-    ref = cal.collect_statistics(CFG, below, windows, batch_size=BATCH, layers={layer})
+    ref = cal.collect_statistics(CFG, _shrink_below(params, layer), windows, batch_size=N,
+                                 layers={layer})
     for kind in KINDS:
       np.testing.assert_allclose(np.asarray(seq[Component(layer, kind)].hessian),
                                  np.asarray(ref[Component(layer, kind)].hessian),
                                  rtol=1e-5, atol=1e-5)
   # a callback that keeps every layer: sequential == parallel, bit for bit
-  same = cal.collect_statistics(CFG, params, windows, mode="sequential", batch_size=BATCH,
+  same = cal.collect_statistics(CFG, params, windows, mode="sequential", batch_size=N,
                                 compress_layer=lambda l, lp, s: lp)
   for comp, st in parallel.items():
     np.testing.assert_array_equal(np.asarray(same[comp].hessian), np.asarray(st.hessian))
 
 
 def test_batches_accumulate(params, windows, parallel):
-  whole = cal.collect_statistics(CFG, params, windows, batch_size=N, layers={2})
+  whole = cal.collect_statistics(CFG, params, windows, batch_size=BATCH, layers={2})
   for kind in ("q", "o", "up", "down"):
     comp = Component(2, kind)
     np.testing.assert_allclose(np.asarray(whole[comp].hessian),
@@ -160,23 +187,29 @@ def test_batches_accumulate(params, windows, parallel):
 
 def test_calibrate_and_compress_is_layer_by_layer(params, windows):
   """The sequential procedure equals, layer by layer: statistics of layer l on the model
-  compressed so far (parallel mode), then apply_spec(calibration=...) on layer l."""
-  spec = "*@*:wanda(0.5); down@1:sparsegpt(2,4); q@2:magnitude(0.5); o@2:identity"
-  new, report = cal.calibrate_and_compress(CFG, params, spec, windows, batch_size=BATCH)
-  current = params
+  compressed so far (parallel mode), then layer l's components compressed with them."""
+  spec = "*@*:wanda(0.5); down@1:sparsegpt(2,4); q@2:nm(2,4); o@2:identity"
+  new, report = cal.calibrate_and_compress(CFG, params, spec, windows, batch_size=N)
+  resolved = C.parse_spec(spec).resolve(CFG.num_layers)
+  current = jax.tree.map(np.array, params)  # host copy, updated layer by layer
   for layer in range(CFG.num_layers):
-    stats = cal.collect_statistics(CFG, current, windows, batch_size=BATCH, layers={layer})
-    rules = "; ".join(f"{r.to_string().split('@')[0]}@{layer}:{r.method.to_string()}"
-                      for r in C.parse_spec(spec).rules if r.layers is None or layer in r.layers)
-    current, _ = C.apply_spec(current, rules, calibration=stats)
+    stats = cal.collect_statistics(CFG, current, windows, batch_size=N, layers={layer})
+    for comp in (c for c in resolved if c.layer == layer):
+      kernel = C.get_path(current, C.kernel_path(comp.kind))
+      method = resolved[comp]
+      if method.name in C.CALIBRATED_METHODS:
+        w, _ = C.compress_calibrated(kernel[layer], method, stats[comp], comp, kernel=True)
+      else:
+        w, _ = C.compress_kernel(jnp.asarray(kernel[layer]), method)
+      kernel[layer] = np.asarray(w)
   for kind in KINDS:
     got, want = (np.asarray(C.get_path(p, C.kernel_path(kind))) for p in (new, current))
     np.testing.assert_array_equal(got == 0, want == 0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   assert report["L01.down"]["method"] == "sparsegpt(n=2,m=4,percdamp=0.01,blocksize=128)"
   assert report["L01.down"]["damp"] == 0.01 and report["L01.down"]["sparsity"] == 0.5
-  assert report["L02.q"]["method"] == "magnitude(rate=0.5)" and "L02.o" not in report
-  assert all(r["sparsity"] == 0.5 for r in report.values())
+  assert report["L02.q"]["method"] == "nm(n=2,m=4)" and "L02.o" not in report
+  assert len(report) == 20 and all(r["sparsity"] == 0.5 for r in report.values())
   np.testing.assert_array_equal(np.asarray(new["layers"]["attn"]["o"]["kernel"][2]),
                                 np.asarray(params["layers"]["attn"]["o"]["kernel"][2]))
 
@@ -233,38 +266,37 @@ def test_calibration_windows_and_errors(tmp_path, params, windows):
 
 def test_sharded_over_8_devices_equals_one_device(tmp_path):
   """The window axis sharded over 8 simulated CPU devices (XLA all-reduces the sums)
-  gives the statistics and compressed weights of one device."""
+  gives the statistics of one device, in sequential mode (a compressed layer 0)."""
   script = textwrap.dedent(f"""
       import numpy as np, jax
       from jax.sharding import Mesh, PartitionSpec
       from dtm.compress import calibration as cal
       from dtm.components import Component
-      from dtm.model import init_params
       from dtm.model_config import ModelConfig
+      from test_calibration import random_params
       assert len(jax.devices()) == 8
       cfg = ModelConfig(**{CFG.__dict__!r})
-      params = init_params(cfg, seed=0)
+      params = random_params(cfg, seed=0)
       windows = np.random.default_rng(1).integers(0, cfg.vocab_size, (16, {T}))
       mesh = Mesh(np.array(jax.devices()), ("data",))
-      one = cal.collect_statistics(cfg, params, windows, batch_size=8, layers={{0, 2}})
-      many = cal.collect_statistics(cfg, params, windows, batch_size=8, layers={{0, 2}}, mesh=mesh)
+      def shrink(layer, lp, stats):  # a stand-in compression of layer 0
+        return jax.tree.map(lambda a: a * 0.5 if a.ndim == 2 else a, lp) if layer == 0 else lp
+      kw = dict(mode="sequential", compress_layer=shrink, layers={{0, 1}})
+      one = cal.collect_statistics(cfg, params, windows, batch_size=16, **kw)
+      many = cal.collect_statistics(cfg, params, windows, batch_size=8, mesh=mesh, **kw)
+      assert sorted({{c.layer for c in many}}) == [0, 1]
       for comp, st in one.items():
         np.testing.assert_allclose(np.asarray(many[comp].hessian), np.asarray(st.hessian),
                                    rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(many[comp].sq_norms), np.asarray(st.sq_norms),
                                    rtol=1e-5)
-      h = cal.run_layers(cfg, params, windows, lambda l, lp, s: lp, batch_size=8, mesh=mesh,
+      h = cal.run_layers(cfg, params, windows, shrink, batch_size=8, mesh=mesh,
                          stats_layers={{0}})
       assert h.sharding.spec == PartitionSpec("data"), h.sharding
-      spec = "*@0-1:wanda(0.5)"
-      a, _ = cal.calibrate_and_compress(cfg, params, spec, windows, batch_size=8)
-      b, _ = cal.calibrate_and_compress(cfg, params, spec, windows, batch_size=8, mesh=mesh)
-      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
       print("OK")
   """)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
          "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=300)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO / "tests", env=env,
+                        capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -224,7 +224,7 @@ def test_sparsegpt_retries_dampening_then_fails_cleanly():
   assert float(damp) == pytest.approx(0.1)
   stats = types.SimpleNamespace(hessian=bad, sq_norms=jnp.ones(2))
   with pytest.raises(DtmError, match=r"Hessian of L01\.up is not positive definite even after "
-                                     r"dampening \(tried .* d = 0\.01, 0\.1, 1\)"):
+                                     r"dampening \(tried .* d = 0\.01, 0\.1, 1, each"):
     C.compress_calibrated(w, C.parse_method("sparsegpt(0.5)"), stats, Component(1, "up"))
   stats = types.SimpleNamespace(hessian=jnp.full((2, 2), jnp.nan), sq_norms=jnp.ones(2))
   with pytest.raises(DtmError, match="not positive definite"):

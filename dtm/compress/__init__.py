@@ -646,38 +646,63 @@ def compress(w_OI: jax.Array, method: Method):
   return fn(w_OI, **method.kwargs)
 
 
-def compress_calibrated(w_OI: jax.Array, method: Method, stats, component: Component | None = None):
+def compress_calibrated(w_OI: jax.Array, method: Method, stats, component: Component | None = None,
+                        *, kernel: bool = False):
   """Apply a method of CALIBRATED_METHODS to one HF weight [out, in] -> (w', stats dict).
 
   `stats` holds the statistics of the weight's input over the calibration tokens
   (`calibration.InputStats` or anything with the same attributes): `sq_norms` f32 [in]
   (Wanda) and `hessian` f32 [in, in] (SparseGPT). The stats dict is `compress`'s plus,
-  for sparsegpt, 'damp' (f32 [], the relative dampening used). Not traceable: a
-  Hessian that SparseGPT cannot factorize (`sparsegpt.inverse_hessian_factor`) raises
-  DtmError naming `component` and the dampenings tried.
+  for sparsegpt, 'damp' (f32 [], the relative dampening used). kernel=True: `w_OI` is
+  a Flax kernel [in, out] instead, and so is w'.
+  Not traceable: a Hessian that SparseGPT cannot factorize
+  (`sparsegpt.inverse_hessian_factor`) raises DtmError naming `component` and the
+  dampenings tried.
   """
   from dtm.compress import sparsegpt as sparsegpt_lib  # lazy: those modules import this one
-  from dtm.compress import wanda as wanda_lib
   what = component.name if component is not None else f"a weight of shape {tuple(w_OI.shape)}"
-  in_dim = w_OI.shape[1]
-  args = method.kwargs
-  if method.name == "wanda":
-    _check_stat(stats, "sq_norms", (in_dim,), what, method)
-    w = wanda_lib.wanda(w_OI, stats.sq_norms, **args)
-    return w, _stats(w, _dtype_bits(w.dtype))
-  if method.name == "sparsegpt":
+  in_dim = w_OI.shape[0 if kernel else 1]
+  if method.name not in CALIBRATED_METHODS:
+    raise ValueError(f"{method.name} is not a calibrated method")
+  needs_hessian = method.name in HESSIAN_METHODS
+  if needs_hessian:
     _check_stat(stats, "hessian", (in_dim, in_dim), what, method)
-    w, damp = sparsegpt_lib.sparsegpt(w_OI, stats.hessian, **args)
-    if not math.isfinite(float(damp)):
-      tried = ", ".join(f"{d:g}" for d in sparsegpt_lib.damp_schedule(args["percdamp"]))
-      raise DtmError(
-          f"sparsegpt: the input Hessian of {what} is not positive definite even after "
-          f"dampening (tried H + d * mean(diag H) * I for d = {tried}, each followed by "
-          f"Cholesky factorizations of the matrix and its inverse); the calibration "
-          f"activations may hold inf/NaN, or the statistics are not a Gram matrix "
-          f"sum_t x_t x_t^T")
-    return w, {**_stats(w, _dtype_bits(w.dtype)), "damp": damp}
-  raise ValueError(f"{method.name} is not a calibrated method")
+  else:
+    _check_stat(stats, "sq_norms", (in_dim,), what, method)
+  # (transposes outside the jit: inside, they double XLA:CPU's compile time of wanda)
+  w, out = _calibrated(w_OI.T if kernel else w_OI,
+                       stats.hessian if needs_hessian else stats.sq_norms, method)
+  w = w.T if kernel else w
+  if "damp" in out and not math.isfinite(float(out["damp"])):
+    tried = ", ".join(f"{d:g}" for d in sparsegpt_lib.damp_schedule(method.kwargs["percdamp"]))
+    raise DtmError(
+        f"sparsegpt: the input Hessian of {what} is not positive definite even after "
+        f"dampening (tried H + d * mean(diag H) * I for d = {tried}, each followed by "
+        f"Cholesky factorizations of the matrix and its inverse); the calibration "
+        f"activations may hold inf/NaN, or the statistics are not a Gram matrix "
+        f"sum_t x_t x_t^T")
+  return w, out
+
+
+@functools.partial(jax.jit, static_argnames=("method",))
+def _calibrated(w_OI, stat, method: Method):
+  """One jit per (shape, method): (w', stats) of a calibrated method; `stat` is the
+  Hessian for HESSIAN_METHODS, the squared norms otherwise."""
+  from dtm.compress import sparsegpt as sparsegpt_lib  # lazy: those modules import this one
+  from dtm.compress import wanda as wanda_lib
+  extra = {}
+  if method.name == "wanda":
+    new = wanda_lib.wanda(w_OI, stat, **method.kwargs)
+  else:
+    new, extra["damp"] = sparsegpt_lib.sparsegpt(w_OI, stat, **method.kwargs)
+  return new, {**_stats(new, _dtype_bits(new.dtype)), **extra}
+
+
+@functools.partial(jax.jit, static_argnames=("method",))
+def compress_kernel(kernel_IO: jax.Array, method: Method):
+  """`compress` of a Flax kernel [in, out] -> (kernel' [in, out], stats); one jit."""
+  new_OI, stats = compress(kernel_IO.T, method)
+  return new_OI.T, stats
 
 
 def _check_stat(stats, name: str, shape: tuple[int, ...], what: str, method: Method) -> None:
@@ -794,12 +819,17 @@ def report_entry(method: Method, stats) -> dict[str, Any]:
 
 def set_layers(kernel_LIO: jax.Array, layers: list[int], kernels_IO: list[jax.Array]) -> jax.Array:
   """Copy of the stacked kernel with kernel[layers[i]] = kernels_IO[i] (one jitted update)."""
-  return _set_layers(kernel_LIO, jnp.asarray(layers, jnp.int32), jnp.stack(kernels_IO))
+  return _set_layers(kernel_LIO, jnp.asarray(layers, jnp.int32), tuple(kernels_IO))
 
 
 @jax.jit
-def _set_layers(kernel_LIO, layers_N, new_NIO):
-  return kernel_LIO.at[layers_N].set(new_NIO.astype(kernel_LIO.dtype))
+def _set_layers(kernel_LIO, layers_N, new_IO: tuple[jax.Array, ...]):
+  return kernel_LIO.at[layers_N].set(jnp.stack(new_IO).astype(kernel_LIO.dtype))
+
+
+@jax.jit
+def _layer_kernel(kernel_LIO: jax.Array, layer) -> jax.Array:
+  return kernel_LIO[layer]
 
 
 def _apply_calibrated(params, calibrated: Mapping[Component, Method], calibration):
@@ -807,9 +837,9 @@ def _apply_calibrated(params, calibrated: Mapping[Component, Method], calibratio
   by_kind: dict[str, list[tuple[int, jax.Array]]] = collections.defaultdict(list)
   report = {}
   for comp, method in calibrated.items():
-    kernel = get_path(params, kernel_path(comp.kind))
-    w, stats = compress_calibrated(kernel[comp.layer].T, method, calibration[comp], comp)
-    by_kind[comp.kind].append((comp.layer, w.T))
+    kernel = _layer_kernel(get_path(params, kernel_path(comp.kind)), comp.layer)
+    new, stats = compress_calibrated(kernel, method, calibration[comp], comp, kernel=True)
+    by_kind[comp.kind].append((comp.layer, new))
     report[comp.name] = report_entry(method, jax.device_get(stats))
   for kind, items in by_kind.items():
     path = kernel_path(kind)

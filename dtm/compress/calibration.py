@@ -205,7 +205,12 @@ def _embed(cfg: ModelConfig, embed_params, tokens_NT: jax.Array) -> jax.Array:
 
 def layer_params(params, layer: int):
   """Params of one decoder layer (the stacked 'layers' subtree indexed at `layer`)."""
-  return jax.tree.map(lambda x: x[layer], params["layers"])
+  return _index_layer(params["layers"], layer)
+
+
+@jax.jit
+def _index_layer(layers, layer):
+  return jax.tree.map(lambda x: x[layer], layers)
 
 
 def _sharding(mesh: Mesh | None, axis: str) -> NamedSharding | None:
@@ -264,20 +269,23 @@ def collect_statistics(cfg: ModelConfig, params, windows, *, mode: str = "parall
     return compress_layer(layer, lp, stats) if mode == "sequential" else lp
 
   run_layers(cfg, params, windows, visit, batch_size=batch_size, hessian=hessian,
-             stats_layers=layers, mesh=mesh, axis=axis)
+             stats_layers=layers, mesh=mesh, axis=axis, output=False)
   return result
 
 
 def run_layers(cfg: ModelConfig, params, windows, visit, *, batch_size: int = 8,
                hessian: bool = True, stats_layers: set[int] | None = None,
-               mesh: Mesh | None = None, axis: str = "data") -> jax.Array:
-  """The layer loop shared by every calibration procedure; returns the last hidden state.
+               mesh: Mesh | None = None, axis: str = "data",
+               output: bool = True) -> jax.Array | None:
+  """The layer loop shared by every calibration procedure.
 
   For each layer l: if l is in stats_layers (None: all), one pass of the original layer
   gives its output and statistics, and `visit(l, layer_params, {Component: InputStats})`
   returns the params to continue with; when they are not the same object, a second pass
   recomputes the output with them. Layers without statistics make one pass and are
-  not visited. Stops after the last layer that is visited when stats_layers is given.
+  not visited. Stops after the last layer that is visited. Returns that layer's output
+  h [n, T, D] (sharded like the windows), or None with output=False, which also skips
+  the last layer's second pass.
   """
   windows = _check_windows(windows, batch_size, mesh, axis)
   sharding = _sharding(mesh, axis)
@@ -294,8 +302,11 @@ def run_layers(cfg: ModelConfig, params, windows, visit, *, batch_size: int = 8,
       continue
     out, acc = run(lp, h, stats=True, hessian=hessian)
     new_lp = visit(layer, lp, _input_stats(acc, layer, n * t, n))
-    h = out if new_lp is lp else run(new_lp, h, stats=False, hessian=False)[0]
-  return h
+    if new_lp is lp:
+      h = out
+    elif output or layer < last:
+      h = run(new_lp, h, stats=False, hessian=False)[0]
+  return h if output else None
 
 
 # ------------------------------------------------------------------ calibrate and compress
@@ -328,19 +339,19 @@ def calibrate_and_compress(cfg: ModelConfig, params, spec: str | C.Spec, windows
     for kind, method in by_layer[layer].items():
       comp = Component(layer, kind)
       _, module, _, leaf = kernel_path(kind)
-      w_OI = lp[module][kind][leaf].T
+      kernel = lp[module][kind][leaf]
       if method.name in C.CALIBRATED_METHODS:
-        new_OI, st = C.compress_calibrated(w_OI, method, stats[comp], comp)
+        new, st = C.compress_calibrated(kernel, method, stats[comp], comp, kernel=True)
       else:
-        new_OI, st = C.compress(w_OI, method)
-      lp[module] = {**lp[module], kind: {**lp[module][kind], leaf: new_OI.T}}
-      new_kernels.setdefault(kind, []).append((layer, new_OI.T))
+        new, st = C.compress_kernel(kernel, method)
+      lp[module] = {**lp[module], kind: {**lp[module][kind], leaf: new}}
+      new_kernels.setdefault(kind, []).append((layer, new))
       report[comp.name] = C.report_entry(method, jax.device_get(st))
     return lp
 
   if by_layer:
     run_layers(cfg, params, windows, visit, batch_size=batch_size, hessian=hessian,
-               stats_layers=set(by_layer), mesh=mesh, axis=axis)
+               stats_layers=set(by_layer), mesh=mesh, axis=axis, output=False)
   new_params = params
   for kind, items in new_kernels.items():
     path = kernel_path(kind)
