@@ -232,7 +232,8 @@ def train(cfg: ModelConfig, params, spec, tc, *, tokens: np.ndarray, workdir: st
   remask = jax.jit(lambda s: {**s, **dict(zip(("params", "masks"),
                                              masks_lib.prune(plan, s["params"])))},
                    out_shardings=shardings, donate_argnums=(0,))
-  effective = jax.jit(lambda p: masks_lib.quantize(plan, p, ste=False))
+  effective = jax.jit(lambda p: masks_lib.quantize(plan, p, ste=False),
+                      out_shardings=shardings["params"])
   sparsity = jax.jit(masks_lib.sparsity_by_kind)
   batch_sharding = sharding.batch_sharding(mesh)
   tokens_per_step = tc.batch_size * tc.seq_len
