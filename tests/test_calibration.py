@@ -258,6 +258,10 @@ def test_calibration_windows_and_errors(tmp_path, params, windows):
   with pytest.raises(DtmError, match=r"batch_size=3 must divide the number of calibration "
                                      r"windows \(8\)"):
     cal.collect_statistics(CFG, params, windows, batch_size=3)
+  with pytest.raises(DtmError, match=r"token ids must be in \[0, 128\) .* from \d+ to 128"):
+    cal.collect_statistics(CFG, params, windows + 1, batch_size=N)
+  with pytest.raises(DtmError, match="windows of 65 tokens exceed the model's context of 64"):
+    cal.collect_statistics(CFG, params, np.zeros((N, 65), np.int32), batch_size=N)
   with pytest.raises(DtmError, match="calibration mode must be one of parallel, sequential"):
     cal.collect_statistics(CFG, params, windows, mode="serial")
   with pytest.raises(DtmError, match="sequential calibration needs a compress_layer"):

@@ -206,6 +206,15 @@ def test_sparsegpt_reduces_the_layer_output_error_versus_wanda_mask():
   assert np.linalg.norm(x @ (w - pruned).T) < 0.5 * np.linalg.norm(x @ (w - masked).T)
 
 
+def test_block_threshold_equals_sorting():
+  """The counting search that replaces the reference's torch.sort(...)[k]: ties, zeros, inf."""
+  rng = np.random.default_rng(7)
+  score = jnp.asarray(rng.random((16, 40)) ** 2, jnp.float32)
+  score = score.at[3, :5].set(jnp.inf).at[0, :7].set(0.25).at[1, :3].set(0.0)
+  for k in (0, 1, 2, 5, 9, 100, 320, 634):
+    assert float(S._sorted_at(score, k)) == float(jnp.sort(score.ravel())[k]), k
+
+
 def test_damp_schedule():
   assert S.damp_schedule(0.01) == pytest.approx((0.01, 0.1, 1.0))
   assert S.damp_schedule(0.0) == pytest.approx((0.0, 0.01, 0.1, 1.0))

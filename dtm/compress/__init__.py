@@ -817,9 +817,13 @@ def report_entry(method: Method, stats) -> dict[str, Any]:
   return entry
 
 
-def set_layers(kernel_LIO: jax.Array, layers: list[int], kernels_IO: list[jax.Array]) -> jax.Array:
-  """Copy of the stacked kernel with kernel[layers[i]] = kernels_IO[i] (one jitted update)."""
-  return _set_layers(kernel_LIO, jnp.asarray(layers, jnp.int32), tuple(kernels_IO))
+def set_kernel_layers(params, kind: str, items: list[tuple[int, jax.Array]]):
+  """Copy of `params` whose stacked `kind` kernel has kernel[l] = k for (l, k [in, out]) in
+  items (one jitted update); the other leaves are the same arrays."""
+  path = kernel_path(kind)
+  kernel = _set_layers(get_path(params, path), jnp.asarray([l for l, _ in items], jnp.int32),
+                       tuple(k for _, k in items))
+  return _set_path(params, path, kernel)
 
 
 @jax.jit
@@ -842,7 +846,5 @@ def _apply_calibrated(params, calibrated: Mapping[Component, Method], calibratio
     by_kind[comp.kind].append((comp.layer, new))
     report[comp.name] = report_entry(method, jax.device_get(stats))
   for kind, items in by_kind.items():
-    path = kernel_path(kind)
-    kernel = set_layers(get_path(params, path), [l for l, _ in items], [k for _, k in items])
-    params = _set_path(params, path, kernel)
+    params = set_kernel_layers(params, kind, items)
   return params, report

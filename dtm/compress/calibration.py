@@ -52,7 +52,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dtm import compress as C
 from dtm import data
-from dtm.components import KINDS, Component, get_path, kernel_path
+from dtm.components import KINDS, Component, kernel_path
 from dtm.errors import DtmError
 from dtm.model import MLP, Attention, DecoderLayer, Linear, Llama
 from dtm.model_config import ModelConfig
@@ -217,11 +217,18 @@ def _sharding(mesh: Mesh | None, axis: str) -> NamedSharding | None:
   return None if mesh is None else NamedSharding(mesh, PartitionSpec(axis))
 
 
-def _check_windows(windows, batch_size: int, mesh: Mesh | None, axis: str) -> np.ndarray:
+def _check_windows(cfg: ModelConfig, windows, batch_size: int, mesh: Mesh | None,
+                   axis: str) -> np.ndarray:
   windows = np.asarray(windows)
   if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 1:
     raise DtmError(f"calibration windows must be int [n, T] token ids, got shape {windows.shape}")
-  n = windows.shape[0]
+  n, t = windows.shape
+  if t > cfg.max_position_embeddings:
+    raise DtmError(f"calibration windows of {t} tokens exceed the model's context of "
+                   f"{cfg.max_position_embeddings} tokens")
+  if windows.min() < 0 or windows.max() >= cfg.vocab_size:
+    raise DtmError(f"calibration token ids must be in [0, {cfg.vocab_size}) (the model's "
+                   f"vocabulary), got ids from {windows.min()} to {windows.max()}")
   if batch_size < 1 or n % batch_size:
     raise DtmError(f"calibration batch_size={batch_size} must divide the number of "
                    f"calibration windows ({n})")
@@ -238,7 +245,8 @@ def _input_stats(acc: Mapping[str, Mapping[str, jax.Array]], layer: int, tokens:
   return {Component(layer, kind): per_site[SITE_OF_KIND[kind]] for kind in KINDS}
 
 
-LayerFn = Callable[[int, Any, Mapping[str, InputStats]], Any]
+# compress_layer(layer, layer_params, {Component: InputStats} of that layer) -> layer_params
+LayerFn = Callable[[int, Any, Mapping[Component, InputStats]], Any]
 
 
 def collect_statistics(cfg: ModelConfig, params, windows, *, mode: str = "parallel",
@@ -251,7 +259,7 @@ def collect_statistics(cfg: ModelConfig, params, windows, *, mode: str = "parall
 
   windows: int [n, T] token ids (n a multiple of batch_size). mode 'parallel': all
   statistics from `params`. mode 'sequential': after layer l's statistics are taken,
-  `compress_layer(l, layer_params, {site: InputStats})` returns that layer's params
+  `compress_layer(l, layer_params, {Component: InputStats})` returns that layer's params
   (compressed, or the same object to keep it), and layer l + 1 sees the output of the
   returned layer. hessian=False collects only sq_norms (Wanda). `layers`: only these
   layers' statistics (the forward pass still runs every layer below the last one).
@@ -287,7 +295,7 @@ def run_layers(cfg: ModelConfig, params, windows, visit, *, batch_size: int = 8,
   h [n, T, D] (sharded like the windows), or None with output=False, which also skips
   the last layer's second pass.
   """
-  windows = _check_windows(windows, batch_size, mesh, axis)
+  windows = _check_windows(cfg, windows, batch_size, mesh, axis)
   sharding = _sharding(mesh, axis)
   n, t = windows.shape
   tokens = jnp.asarray(windows) if sharding is None else jax.device_put(windows, sharding)
@@ -354,8 +362,5 @@ def calibrate_and_compress(cfg: ModelConfig, params, spec: str | C.Spec, windows
                stats_layers=set(by_layer), mesh=mesh, axis=axis, output=False)
   new_params = params
   for kind, items in new_kernels.items():
-    path = kernel_path(kind)
-    kernel = C.set_layers(get_path(new_params, path), [l for l, _ in items],
-                          [k for _, k in items])
-    new_params = C._set_path(new_params, path, kernel)
+    new_params = C.set_kernel_layers(new_params, kind, items)
   return new_params, dict(sorted(report.items()))

@@ -94,6 +94,16 @@ def _block_width(in_dim: int, blocksize: int, m: int | None) -> int:
   return min(bs, in_dim)
 
 
+def _sorted_at(score: jax.Array, k) -> jax.Array:
+  """sort(score.ravel())[k] for non-negative f32 scores (+inf allowed), k traced: the
+  value of the (k+1)-th smallest, found by `magnitude_cut`'s counting binary search
+  over the float bit patterns (far cheaper than sorting on CPU)."""
+  from dtm.compress import magnitude_cut  # the package imports this module lazily
+  index = jnp.arange(score.size, dtype=jnp.int32).reshape(score.shape)
+  bits, _ = magnitude_cut(score, index, k + 1)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def _nm_group_pruned(score_Om: jax.Array, n: int, m: int) -> jax.Array:
   from dtm.compress import nm_rank  # the package imports this module lazily
   return nm_rank(score_Om, m) < m - n
@@ -127,7 +137,7 @@ def obs_prune(w_OI: jax.Array, u_II: jax.Array, rate: float | None, n: int | Non
       valid = i1 + jnp.arange(bs) < in_dim
       score = jnp.where(valid[None, :], w1 * w1 / (d1 * d1)[None, :], jnp.inf)
       k = jnp.where(b == num_blocks - 1, k_last, k_full)
-      mask1 = score <= jnp.sort(score.reshape(-1))[k]
+      mask1 = score <= _sorted_at(score, k)
     else:
       mask1 = jnp.zeros((out_dim, bs), bool)
 
