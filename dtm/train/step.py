@@ -123,7 +123,7 @@ def train_step(state, batch_BT1, teacher_params, *, cfg: ModelConfig, obj: Objec
   (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), mbs)
   tokens = jnp.maximum(sums.tokens, 1.0)
   grads = jax.tree.map(lambda g: g / tokens, grads)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   if masked:
     updates = masks_lib.apply_masks(updates, state["masks"])

@@ -319,8 +319,9 @@ def train(cfg: ModelConfig, params, spec, tc, *, tokens: np.ndarray, workdir: st
         if term.flag and s < tc.steps:
           ckpts.wait()
           interrupted = True
-          bar.write(f"SIGTERM: saved a checkpoint at step {s} in {ckpts.directory}; rerun the "
-                    "same command to resume")
+          bar.close()
+          print(f"SIGTERM: saved a checkpoint at step {s} in {ckpts.directory}; rerun the same "
+                "command to resume", file=sys.stderr, flush=True)
           break
       flush(state)
   finally:
