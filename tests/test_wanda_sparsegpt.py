@@ -112,6 +112,16 @@ def test_wanda_unstructured_equals_reference(rate):
   assert np.all(np.sum(got == 0, axis=1) == int(64 * rate))  # per output row
 
 
+@pytest.mark.parametrize("rate", [0.3, 0.5])
+def test_wanda_many_ties_equals_stable_sort(rate):
+  """Scores with many exact ties (quantized weights, equal norms): lower index first."""
+  rng = np.random.default_rng(8)
+  w = (rng.integers(-2, 3, (24, 64)) * 0.5).astype(np.float32)
+  s = np.repeat(np.float32([1.0, 4.0]), 32)
+  got = np.asarray(W.wanda(jnp.asarray(w), jnp.asarray(s), rate=rate))
+  np.testing.assert_array_equal(got, ref_wanda(w, s, sparsity_ratio=rate))
+
+
 @pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (3, 4), (4, 8), (0, 2), (2, 2)])
 def test_wanda_nm_equals_reference(n, m):
   rng = np.random.default_rng(1)

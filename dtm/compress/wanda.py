@@ -33,23 +33,43 @@ def wanda_score(w_OI: jax.Array, sq_norms_I: jax.Array) -> jax.Array:
   return jnp.abs(w_OI.astype(jnp.float32)) * jnp.sqrt(sq_norms_I.astype(jnp.float32))[None, :]
 
 
-def row_rank(score_OI: jax.Array) -> jax.Array:
-  """int32 [out, in]: rank of each score within its row, ascending, ties -> lower index
-  first (the position in a stable ascending sort of the row)."""
-  order = jnp.argsort(score_OI, axis=1, stable=True)
-  ranks = jnp.broadcast_to(jnp.arange(score_OI.shape[1], dtype=jnp.int32), score_OI.shape)
-  return jnp.zeros(score_OI.shape, jnp.int32).at[
-      jnp.arange(score_OI.shape[0])[:, None], order].set(ranks)
-
-
 def wanda_pruned(w_OI: jax.Array, sq_norms_I: jax.Array, rate: float | None = None,
                  n: int | None = None, m: int | None = None) -> jax.Array:
   """bool [out, in]: the weights Wanda zeroes (rate, or n and m; see the module doc)."""
   from dtm.compress import nm_rank, num_pruned  # the package imports this module lazily
   score = wanda_score(w_OI, sq_norms_I)
   if rate is not None:
-    return row_rank(score) < num_pruned(rate, w_OI.shape[1])
+    return row_lowest(score, num_pruned(rate, w_OI.shape[1]))
   return nm_rank(score, m) < m - n
+
+
+def row_lowest(score_OI: jax.Array, k: int) -> jax.Array:
+  """bool [out, in]: in every row the k lowest scores (non-negative f32), ties -> lower
+  index first: exactly the first k of a stable ascending sort of the row.
+
+  Found without sorting (~10x faster on CPU): non-negative floats order like their
+  int32 bit patterns, so a per-row binary search of 31 counting passes finds the k-th
+  smallest value v; then all scores below v are pruned, and of the ties at v the first
+  k - #{score < v} in index order.
+  """
+  if k == 0:
+    return jnp.zeros(score_OI.shape, bool)
+  bits = jax.lax.bitcast_convert_type(score_OI.astype(jnp.float32), jnp.int32)
+
+  def halve(_, lohi):
+    lo, hi = lohi
+    mid = lo + (hi - lo) // 2
+    ok = jnp.sum(bits <= mid[:, None], axis=1, dtype=jnp.int32) >= k
+    return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+  rows = score_OI.shape[0]
+  start = (jnp.zeros(rows, jnp.int32), jnp.full(rows, 0x7F800000, jnp.int32))  # [0, bits(inf)]
+  v, _ = jax.lax.fori_loop(0, 31, halve, start)  # 2^31 > 0x7F800000: lo == hi afterwards
+  below = bits < v[:, None]
+  ties = bits == v[:, None]
+  need = k - jnp.sum(below, axis=1, dtype=jnp.int32)
+  ties_before = jnp.cumsum(ties, axis=1, dtype=jnp.int32) - ties
+  return below | (ties & (ties_before < need[:, None]))
 
 
 @functools.partial(jax.jit, static_argnames=("rate", "n", "m"))
