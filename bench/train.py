@@ -73,7 +73,7 @@ def dtm_steps(cfg, params, spec, batches, steps, vocab_chunk):
   del pruned
   fn = step_lib.compile_step(cfg, Objective(alpha=0.0, vocab_chunk=vocab_chunk), plan, tx, mesh,
                              shard, None, microbatches=1, masked=True,
-                             schedule=step_lib.lr_schedule(oc))
+                             schedule=step_lib.lr_schedule(oc), clip_norm=oc.clip_norm)
   bs = sharding.batch_sharding(mesh)
   t0 = time.perf_counter()
   state, m = fn(state, sharding.put_batch(batches[0], bs), None)

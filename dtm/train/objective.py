@@ -143,7 +143,9 @@ def chunked_loss(obj: Objective, x_BTD: jax.Array, head_VD: jax.Array, targets_B
   xs = {"w": w, "i": jnp.arange(w.shape[0], dtype=jnp.int32)}
   if distill:
     xs["wt"] = wt
-  carry, _ = jax.lax.scan(jax.checkpoint(body), init, xs)
+  # Several chunks: recompute each chunk's logits in the backward pass instead of storing
+  # them. One chunk (vocab_chunk=0 or >= V): store them, trading memory for one GEMM.
+  carry, _ = jax.lax.scan(jax.checkpoint(body) if w.shape[0] > 1 else body, init, xs)
   m1, s1, mt_, st, acc, ty, gt_val, _, best_other, mq, sq = carry
   ce = _lse_parts(m1, s1) - ty
   ce_sum = jnp.sum(ce * mask)

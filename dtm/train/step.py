@@ -11,8 +11,8 @@ One step on a global batch int32 [B, T + 1] (inputs [:, :-1], targets [:, 1:]):
      frozen teacher's forward runs in the same step under stop_gradient when distilling;
   3. clip by global norm, AdamW (decay mask from `decay_mask`), warm-up + cosine LR;
   4. in compressed phases the updates and then the new params are masked;
-  5. a non-finite loss or gradient norm leaves the state unchanged (metrics say so), so a
-     bad step can never reach a checkpoint.
+  5. a non-finite loss or gradient norm is flagged in the metrics; the host stops there
+     before anything later is saved, so a bad state never reaches a checkpoint.
 """
 from __future__ import annotations
 
@@ -70,10 +70,10 @@ def decay_mask(params, oc: OptimConfig):
 
 
 def make_optimizer(oc: OptimConfig, params) -> optax.GradientTransformation:
-  return optax.chain(
-      optax.clip_by_global_norm(oc.clip_norm) if oc.clip_norm > 0 else optax.identity(),
-      optax.adamw(lr_schedule(oc), b1=oc.b1, b2=oc.b2, eps=oc.eps,
-                  weight_decay=oc.weight_decay, mask=decay_mask(params, oc)))
+  """AdamW with the schedule and decay mask (clipping happens in `train_step`, which
+  already has the global norm)."""
+  return optax.adamw(lr_schedule(oc), b1=oc.b1, b2=oc.b2, eps=oc.eps,
+                     weight_decay=oc.weight_decay, mask=decay_mask(params, oc))
 
 
 def init_state(params, masks, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
@@ -105,52 +105,63 @@ def batch_loss(cfg: ModelConfig, obj: Objective, plan: masks_lib.CompressionPlan
 
 def train_step(state, batch_BT1, teacher_params, *, cfg: ModelConfig, obj: Objective,
                plan: masks_lib.CompressionPlan, tx: optax.GradientTransformation,
-               microbatches: int, masked: bool, schedule):
+               microbatches: int, masked: bool, schedule, clip_norm: float):
   """One update (module docstring) -> (new state, metrics dict of f32 scalars)."""
   params = state["params"]
   b = batch_BT1.shape[0]
-  mbs = batch_BT1.reshape(b // microbatches, microbatches, -1).swapaxes(0, 1)
-  grad_fn = jax.grad(lambda p, mb: _loss_and_sums(cfg, obj, plan, p, teacher_params, mb),
-                     has_aux=True)
+  # Every target position is scored, so the token count is known before the forward: the
+  # 1/tokens of the token-weighted mean is folded into the differentiated loss.
+  inv_tokens = 1.0 / (b * (batch_BT1.shape[1] - 1))
+  grad_fn = jax.grad(
+      lambda p, mb: _loss_and_sums(cfg, obj, plan, p, teacher_params, mb, inv_tokens),
+      has_aux=True)
+  if microbatches == 1:
+    grads, sums = grad_fn(params, batch_BT1)
+  else:
+    mbs = batch_BT1.reshape(b // microbatches, microbatches, -1).swapaxes(0, 1)
 
-  def accumulate(carry, mb):
-    grads, sums = carry
-    g, s = grad_fn(params, mb)
-    return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
+    def accumulate(carry, mb):
+      g, s = grad_fn(params, mb)
+      return jax.tree.map(jnp.add, carry, (g, s)), None
 
-  zero_sums = LossSums(*(jnp.zeros((), jnp.float32) for _ in LossSums._fields))
-  zero_grads = jax.tree.map(jnp.zeros_like, params)
-  (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), mbs)
-  tokens = jnp.maximum(sums.tokens, 1.0)
-  grads = jax.tree.map(lambda g: g / tokens, grads)
+    zero = (jax.tree.map(jnp.zeros_like, params),
+            LossSums(*(jnp.zeros((), jnp.float32) for _ in LossSums._fields)))
+    (grads, sums), _ = jax.lax.scan(accumulate, zero, mbs)
   grad_norm = optax.tree.norm(grads)
+  if clip_norm > 0:  # clip by global norm, reusing the norm just computed
+    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(grad_norm, 1e-30))
+    grads = jax.tree.map(lambda g: g * scale, grads)
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   if masked:
     updates = masks_lib.apply_masks(updates, state["masks"])
   new_params = optax.apply_updates(params, updates)
   if masked:
     new_params = masks_lib.apply_masks(new_params, state["masks"])
+  tokens = jnp.maximum(sums.tokens, 1.0)
   loss = sums.loss / tokens
+  # A non-finite step is reported, not hidden: the host stops at it before anything later
+  # is saved (`trainer.train` flushes metrics before every checkpoint).
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = {**state, "params": new_params, "opt_state": opt_state,
                "step": state["step"] + 1}
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   metrics = {"loss": loss, "ce": sums.ce / tokens, "kl": sums.kl / tokens,
              "grad_norm": grad_norm, "lr": schedule(state["step"]),
              "tokens": sums.tokens, "finite": finite.astype(jnp.float32)}
   return new_state, metrics
 
 
-def _loss_and_sums(cfg, obj, plan, params, teacher_params, mb):
+def _loss_and_sums(cfg, obj, plan, params, teacher_params, mb, scale):
   sums = batch_loss(cfg, obj, plan, params, teacher_params, mb)
-  return sums.loss, sums
+  return sums.loss * scale, sums
 
 
 def compile_step(cfg: ModelConfig, obj: Objective, plan, tx, mesh, state_shardings,
-                 teacher_shardings, *, microbatches: int, masked: bool, schedule):
+                 teacher_shardings, *, microbatches: int, masked: bool, schedule,
+                 clip_norm: float):
   """jit of `train_step` with explicit shardings; the state is donated."""
   fn = functools.partial(train_step, cfg=cfg, obj=obj, plan=plan, tx=tx,
-                         microbatches=microbatches, masked=masked, schedule=schedule)
+                         microbatches=microbatches, masked=masked, schedule=schedule,
+                         clip_norm=clip_norm)
   rep = sharding.replicated(mesh)
   return jax.jit(fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh),
                                    teacher_shardings),

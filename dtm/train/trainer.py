@@ -226,7 +226,8 @@ def train(cfg: ModelConfig, params, spec, tc, *, tokens: np.ndarray, workdir: st
     if masked not in steps_fn:
       steps_fn[masked] = step_lib.compile_step(
           tcfg, obj, plan, tx, mesh, shardings, teacher_shardings,
-          microbatches=int(tc.microbatches), masked=masked, schedule=schedule)
+          microbatches=int(tc.microbatches), masked=masked, schedule=schedule,
+          clip_norm=oc.clip_norm)
     return steps_fn[masked]
 
   remask = jax.jit(lambda s: {**s, **dict(zip(("params", "masks"),
@@ -273,7 +274,7 @@ def train(cfg: ModelConfig, params, spec, tc, *, tokens: np.ndarray, workdir: st
     dt, t_prev = now - t_prev, now
     if not m.pop("finite"):
       raise DtmError(f"non-finite training loss or gradient norm at step {s} (loss={m['loss']}, "
-                     f"grad_norm={m['grad_norm']}); stopped without applying that update. Last "
+                     f"grad_norm={m['grad_norm']}); stopped before saving any later state. Last "
                      f"good checkpoint: {_last_good(ckpts)}. Lower train.optim.lr or check the "
                      "data")
     m["tokens_per_s"] = tokens_per_step / dt
