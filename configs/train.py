@@ -20,11 +20,11 @@ def train_fields(config: ml_collections.ConfigDict) -> None:
   """The `train` block read by `dtm.train.trainer.train` (also used by pruning rounds)."""
   t = config.train = ml_collections.ConfigDict()
   # Optimizer updates to run (the run's length; the LR schedule ends here).
-  t.steps = 200
+  t.steps = 80
   # Global batch: windows per update (divisible by microbatches x data-parallel devices).
-  t.batch_size = 8
+  t.batch_size = 4
   # Window length T in tokens (each window holds T + 1 tokens: inputs and next tokens).
-  t.seq_len = 256
+  t.seq_len = 128
   # Gradient accumulation: the batch is split into this many microbatches (lax.scan).
   t.microbatches = 1
   # Seed of the window order (batches are a pure function of seed and step) and the RNG.
@@ -45,9 +45,9 @@ def train_fields(config: ml_collections.ConfigDict) -> None:
   o.vocab_chunk = 8192
   p = t.optim = ml_collections.ConfigDict()
   # Peak learning rate of AdamW (> 0).
-  p.lr = 1e-5
+  p.lr = 2e-4
   # Linear warm-up steps from 0 to lr.
-  p.warmup_steps = 10
+  p.warmup_steps = 5
   # Cosine decay ends at lr * min_lr_ratio at the last step.
   p.min_lr_ratio = 0.1
   # Decoupled weight decay (AdamW) on linear kernels.
@@ -71,7 +71,7 @@ def train_fields(config: ml_collections.ConfigDict) -> None:
   a.final_compressed = 0
   c = t.checkpoint = ml_collections.ConfigDict()
   # Save the train state every `every` steps (and at the end, and on SIGTERM).
-  c.every = 50
+  c.every = 20
   # Keep the newest `keep` checkpoints.
   c.keep = 2
   # Write checkpoints in the background (orbax async).
@@ -81,7 +81,7 @@ def train_fields(config: ml_collections.ConfigDict) -> None:
   m.data = -1
   m.fsdp = 1
   # Held-out evaluation (FDT, SDT, DPPL, PPL) every eval_every steps (0 = start and end only).
-  t.eval_every = 100
+  t.eval_every = 20
   # Per-kind sparsity in the logs every log_every steps (0 = never); forces a host sync.
   t.log_every = 10
   # Peak FLOP/s of one device for the MFU scalar (0 = unknown: MFU not logged).
@@ -137,6 +137,9 @@ def get_config(arg=None):
     config.train.microbatches = 4
     config.train.remat = True
     config.train.steps = 1000
+    config.train.optim.lr = 2e-5
+    config.train.eval_every = 100
+    config.train.checkpoint.every = 100
     config.train.mesh.data = 1
     config.train.mesh.fsdp = -1
     config.train.peak_flops = 989e12  # H100 bf16 dense
