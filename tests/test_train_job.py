@@ -85,7 +85,7 @@ def kernel(params, kind):
 # ----------------------------------------------------------------------------- outputs
 
 
-def test_train_job_keeps_zeros_quantizes_and_logs(tiny_dir, tmp_path, monkeypatch):
+def test_train_job_keeps_zeros_quantizes_and_logs(tiny_dir, tmp_path):
   from dtm.jobs import train as train_job
   workdir = str(tmp_path / "run")
   results = train_job.run(make_config(tiny_dir, export_hf=True), workdir)

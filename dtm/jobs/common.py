@@ -20,7 +20,7 @@ def load(config, shardings_fn=None) -> LoadedModel:
                     shardings_fn=shardings_fn)
 
 
-def _bos_id(config, tokenizer) -> int | None:
+def resolve_bos(config, tokenizer) -> int | None:
   if config.data.bos not in ("auto", "yes", "no"):
     raise DtmError(f"data.bos must be 'auto', 'yes' or 'no', got {config.data.bos!r}")
   if config.data.bos == "no":
@@ -47,7 +47,7 @@ def build_eval_data(config, tokenizer, need_ppl: bool = True) -> EvalData:
   """Prompts (from JSONL or the data pipeline) and PPL windows, as configured."""
   p = config.prompts
   texts = None
-  bos_id = _bos_id(config, tokenizer) if tokenizer is not None else None
+  bos_id = resolve_bos(config, tokenizer) if tokenizer is not None else None
   if p.jsonl:
     prompts = data.read_prompt_jsonl(p.jsonl, length=p.length or None)
     source = f"jsonl:{os.path.abspath(p.jsonl)}"

@@ -28,7 +28,7 @@ def training_tokens(config, tokenizer) -> np.ndarray:
   if tokenizer is None:
     raise DtmError("the model has no tokenizer to tokenize config.data; load a model with one")
   texts = common.load_texts(config)
-  bos = common._bos_id(config, tokenizer)
+  bos = common.resolve_bos(config, tokenizer)
   stream = data.tokenize_corpus(tokenizer, texts, add_bos=bos is not None)
   if stream.size == 0:
     raise DtmError(f"no training tokens in data.source={config.data.source!r} "

@@ -28,32 +28,40 @@ def _flat(prefix: str, d: dict) -> dict[str, float]:
 class MetricsLog:
   """Append-only metrics.jsonl + TensorBoard scalars, resumable at a step."""
 
-  def __init__(self, workdir: str, resume_step: int | None, tensorboard: bool = True):
+  def __init__(self, workdir: str, resume_step: int | None, tensorboard: bool = True,
+               enabled: bool = True):
+    """`enabled=False` (hosts other than process 0) reads the records but writes nothing."""
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.records = _read_records(self.path)
     if resume_step is None:
       self.records = []
     else:
       self.records = [r for r in self.records if r["step"] <= resume_step]
+    self.enabled = enabled
+    self._file = self.writer = None
+    if not enabled:
+      return
     io_utils.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
     self._file = open(self.path, "a")
-    self.writer = None
     if tensorboard:
       from tensorboardX import SummaryWriter
       purge = None if resume_step is None else resume_step + 1
       self.writer = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
 
   def write(self, record: dict) -> None:
+    self.records.append(record)
+    if not self.enabled:
+      return
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     os.fsync(self._file.fileno())
-    self.records.append(record)
     if self.writer is not None:
       for key, value in _flat("", {k: v for k, v in record.items() if k != "step"}).items():
         self.writer.add_scalar(key, value, record["step"])
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self.writer is not None:
       self.writer.close()
 

@@ -242,7 +242,7 @@ def train(cfg: ModelConfig, params, spec, tc, *, tokens: np.ndarray, workdir: st
   peak = float(tc.peak_flops) * mesh.size
   is_writer = jax.process_index() == 0
   mlog = MetricsLog(workdir, None if restored is None else start,
-                    tensorboard=bool(tc.tensorboard) and is_writer)
+                    tensorboard=bool(tc.tensorboard), enabled=is_writer)
   evals = {r["step"]: r["eval"] for r in mlog.records if "eval" in r}
   meta = {"data": {"seed": seed, "batch": int(tc.batch_size), "seq_len": int(tc.seq_len),
                    "num_tokens": int(tokens.size)}}
@@ -287,8 +287,7 @@ def train(cfg: ModelConfig, params, spec, tc, *, tokens: np.ndarray, workdir: st
       record["sparsity"] = {k: float(v) for k, v in jax.device_get(sparsity(st["params"])).items()}
     if s == tc.steps or (tc.eval_every and s % tc.eval_every == 0):
       record["eval"] = run_eval(s, st)
-    if is_writer:
-      mlog.write(record)
+    mlog.write(record)
     last = record
     bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}", refresh=False)
     if "eval" in record and record["eval"] is not None:
