@@ -158,3 +158,42 @@ def test_fsdp_rule_largest_divisible_dimension():
   assert sharding.param_pspec((7, 9), 8) == jax.sharding.PartitionSpec()
   assert sharding.param_pspec((), 8) == jax.sharding.PartitionSpec()
   assert sharding.param_pspec((576,), 1) == jax.sharding.PartitionSpec()
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _one_step(cfg, microbatches, alpha=0.5):
+  from dtm.train import step as step_lib
+  params = init_params(cfg, seed=3)
+  plan = masks_lib.make_plan("mlp@*:magnitude(0.5)", params)
+  pruned, masks = masks_lib.prune(plan, params)
+  oc = step_lib.OptimConfig(lr=1e-3, warmup_steps=0, total_steps=10)
+  tx = step_lib.make_optimizer(oc, pruned)
+  state = jax.jit(lambda p, m: step_lib.init_state(p, m, tx, 0))(pruned, masks)
+  batch = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 9)), jnp.int32)
+  fn = jax.jit(lambda s, b, t: step_lib.train_step(
+      s, b, t, cfg=cfg, obj=Objective(alpha=alpha, vocab_chunk=128), plan=plan, tx=tx,
+      microbatches=microbatches, masked=True, schedule=step_lib.lr_schedule(oc), clip_norm=1.0))
+  new, m = fn(state, batch, params)
+  return new, m
+
+
+def test_microbatches_and_remat_match_one_full_batch():
+  ref, m_ref = _one_step(TINY, 1)
+  for cfg, mb in ((TINY, 2), (TINY, 4), (TINY.replace(remat=True), 1)):
+    new, m = _one_step(cfg, mb)
+    for k in ("loss", "ce", "kl", "grad_norm"):
+      np.testing.assert_allclose(float(m[k]), float(m_ref[k]), rtol=1e-5, err_msg=(mb, k))
+    for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(ref["params"])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  pruned = np.asarray(ref["params"]["layers"]["mlp"]["down"]["kernel"])
+  assert np.mean(pruned == 0) == 0.5  # masked update keeps the zeros
+
+
+def test_bfloat16_compute_keeps_float32_master_weights():
+  new, m = _one_step(TINY.replace(dtype="bfloat16"), 1)
+  assert np.isfinite(float(m["loss"])) and float(m["finite"]) == 1.0
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new["params"]))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new["opt_state"])
+             if hasattr(x, "dtype") and x.ndim > 0)
