@@ -52,7 +52,8 @@ def restore_params(directory: str, cfg: ModelConfig, shardings=None):
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
   try:
-    return ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), abstract)
+    return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory), "params"),
+                                              abstract)
   except (FileNotFoundError, ValueError, KeyError) as e:
     raise DtmError(f"cannot restore params from {directory}/params "
                    f"(missing or corrupt orbax checkpoint, or config mismatch): {e}") from None

@@ -85,13 +85,14 @@ def kernel(params, kind):
 # ----------------------------------------------------------------------------- outputs
 
 
-def test_train_job_keeps_zeros_quantizes_and_logs(tiny_dir, tmp_path):
+def test_train_job_keeps_zeros_quantizes_and_logs(tiny_dir, tmp_path, monkeypatch):
   from dtm.jobs import train as train_job
   workdir = str(tmp_path / "run")
   results = train_job.run(make_config(tiny_dir, export_hf=True), workdir)
   original = load_model(tiny_dir, load_tokenizer=False).params
   ref, _ = compress.apply_spec(original, "mlp@*:magnitude(0.5)")
-  trained = load_model(os.path.join(workdir, "model"), load_tokenizer=False).params
+  monkeypatch.chdir(workdir)  # the written model loads from a relative path too
+  trained = load_model("model", load_tokenizer=False).params
   for kind in ("gate", "up", "down"):
     pruned_before = kernel(ref, kind) == 0
     after = kernel(trained, kind)
