@@ -91,7 +91,7 @@ def chunked_loss(obj: Objective, x_BTD: jax.Array, head_VD: jax.Array, targets_B
     wt, _ = _vocab_chunks(jax.lax.stop_gradient(teacher_head_VD), chunk, dtype)
     xt = jax.lax.stop_gradient(teacher_x_BTD).astype(dtype)
   else:
-    wt, xt = jnp.zeros((w.shape[0], 0, 0), dtype), None
+    wt, xt = None, None
 
   def body(carry, c):
     m1, s1, mt_, st, acc, ty, gt_val, gt_arg, best_other, mq, sq = carry
