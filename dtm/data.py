@@ -38,6 +38,10 @@ HUB_ALIASES = {
 # Hub datasets too large to download whole; they are streamed and cut at max_docs.
 STREAMED_HUB_PATHS = ('allenai/c4',)
 LOCAL_BUILDERS = ('text', 'json', 'parquet')
+# 'text-files': the text builder with one document per *file* (program text, where a
+# line is no document); 'python-stdlib': that, over the running interpreter's own
+# standard-library sources (code-domain prompts that need no download).
+DOCUMENT_SOURCES = ('text-files', 'python-stdlib')
 SUFFIX_BUILDERS = {
   '.txt': 'text', '.raw': 'text', '.tokens': 'text',
   '.jsonl': 'json', '.json': 'json', '.parquet': 'parquet',
@@ -71,6 +75,11 @@ def load_texts(source: str, *, split: str = 'test',
       count equals the file's line count); it opens files with universal newlines,
       so CRLF files (the WikiText raw files) come back without '\\r' - and a lone
       '\\r' also ends a line. Any remaining trailing '\\r' is stripped.
+    * 'text-files' with `data_files`: the text builder with sample_by='document', one
+      document per file (files in sorted path order), e.g. program sources.
+    * 'python-stdlib': 'text-files' over `python_stdlib_files()` (the top-level *.py
+      modules of this interpreter's standard library, sorted by name) unless
+      `data_files` names other files: program text available on every machine.
     * a hub dataset: an alias in HUB_ALIASES ('wikitext-2-raw-v1', 'c4', ...) or
       'owner/name[:config]'. 'c4' (allenai/c4 'en') is streamed and needs max_docs.
   max_docs: keep only the first max_docs documents (None: all).
@@ -82,13 +91,28 @@ def load_texts(source: str, *, split: str = 'test',
     raise DtmError(f'data.max_docs must be >= 1 or None, got {max_docs}.')
   if source == 'default':
     return _first(_default_prompts(), max_docs)
-  if source == 'auto' or source in LOCAL_BUILDERS:
+  if source == 'python-stdlib':
+    return _load_local('text-files', data_files or python_stdlib_files(), text_field, max_docs)
+  if source == 'auto' or source in LOCAL_BUILDERS or source == 'text-files':
     return _load_local(source, data_files, text_field, max_docs)
   if data_files is not None:
     raise DtmError(
       f'data.data_files is set but data.source={source!r} is a hub dataset; use '
       f"data.source in {('auto',) + LOCAL_BUILDERS} for local files.")
   return _load_hub(source, split, text_field, max_docs)
+
+
+def python_stdlib_files() -> list[str]:
+  """The top-level *.py files of this interpreter's standard library, sorted (absolute
+  paths); raises DtmError when there are none (an embedded Python without sources)."""
+  import sysconfig
+  root = sysconfig.get_paths()['stdlib']
+  files = sorted(glob.glob(os.path.join(root, '*.py')))
+  if not files:
+    raise DtmError(f'data.source=python-stdlib: no *.py files under {root}; this Python has '
+                   'no standard-library sources; point data.source=text-files at program '
+                   'files instead.')
+  return files
 
 
 def _first(texts: list[str], max_docs: int | None) -> list[str]:
@@ -147,8 +171,11 @@ def _load_local(source: str, data_files: Any, text_field: str,
     if len(builders) != 1:
       raise DtmError(f'data.data_files mixes formats {sorted(builders)}; use one format.')
     source = builders.pop()
+  kwargs = {}
+  if source == 'text-files':
+    source, kwargs = 'text', {'sample_by': 'document'}
   try:
-    ds = datasets.load_dataset(source, data_files=files, split='train')
+    ds = datasets.load_dataset(source, data_files=files, split='train', **kwargs)
   except Exception as e:  # datasets raises many types; all mean "unreadable file".
     raise DtmError(f'could not read {files} with the datasets {source!r} builder '
                    f'({type(e).__name__}: {_first_line(e)}); check the file format.') from e

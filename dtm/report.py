@@ -103,3 +103,75 @@ def text_table(rows: list[dict], alpha: float, levels: list[float], limit: int =
     comp, vals = item
     lines.append(f"{comp:<10}" + "".join(f"{vals.get(l, float('nan')):>8.0f}" for l in levels))
   return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ compare job outputs
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+  """Ranks 1..n of x, ties given their average rank (as scipy.stats.rankdata)."""
+  x = np.asarray(x, np.float64)
+  order = np.argsort(x, kind="stable")
+  ranks = np.empty(len(x))
+  sorted_x = x[order]
+  i = 0
+  while i < len(x):
+    j = i
+    while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+      j += 1
+    ranks[order[i:j + 1]] = (i + j) / 2 + 1
+    i = j + 1
+  return ranks
+
+
+def spearman(a, b) -> float | None:
+  """Spearman rank correlation of two equal-length sequences (average ranks for ties);
+  None when fewer than 3 values or a sequence is constant (undefined)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if len(a) != len(b):
+    raise ValueError(f"spearman: lengths differ ({len(a)} vs {len(b)})")
+  if len(a) < 3:
+    return None
+  ra, rb = _ranks(a), _ranks(b)
+  if np.std(ra) == 0 or np.std(rb) == 0:
+    return None
+  return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def rank_correlations(rows: list[dict], names: list[str]) -> dict[str, dict[str, float | None]]:
+  """{metric: {metric: Spearman across rows}} for the metrics `names` of `rows`."""
+  return {m: {k: spearman([r[m] for r in rows], [r[k] for r in rows]) for k in names}
+          for m in names}
+
+
+def _fmt(v, digits: int = 2) -> str:
+  return "-" if v is None else f"{v:.{digits}f}"
+
+
+def compare_table(rows: list[dict], domains: list[str], alphas, correlations: dict,
+                  cross: dict) -> str:
+  """Text summary of the compare job: one line per (compression, domain), then the rank
+  correlations per domain and across domains."""
+  cols = [f"fdt_alpha_{a:g}" for a in alphas] + ["fdt_mean", "sdt_mean", "dppl", "ppl"]
+  sampled = [c for c in ("sampled_fdt_mean", "sampled_sdt_mean") if c in rows[0]]
+  head = ["compression", "domain"] + cols + sampled
+  lines = [head]
+  for r in rows:
+    lines.append([r["compression"], r["domain"]] + [_fmt(r.get(c)) for c in cols + sampled])
+  widths = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
+  out = ["  ".join(str(v).ljust(w) if i < 2 else str(v).rjust(w)
+                   for i, (v, w) in enumerate(zip(l, widths))) for l in lines]
+  for name in domains:
+    corr = correlations[name]
+    ms = list(corr)
+    out.append(f"\nSpearman rank correlation across compressions, domain {name}:")
+    w = max(len(m) for m in ms)
+    short = [m.replace("sampled_", "s.").replace("fdt_alpha_", "fdt@").replace("_mean", "")
+             for m in ms]
+    out.append(" " * w + "  " + "  ".join(m[:10].rjust(10) for m in short))
+    for m in ms:
+      out.append(m.ljust(w) + "  " + "  ".join(_fmt(corr[m][k]).rjust(10) for k in ms))
+  if cross:
+    out.append(f"\nSpearman across compressions, {domains[0]} vs {domains[1]}: " +
+               ", ".join(f"{m} {_fmt(v)}" for m, v in cross.items()))
+  return "\n".join(out)
