@@ -1,0 +1,75 @@
+"""Figures of a pruning search: per-component sparsity heatmap (the paper's figure of the
+final FDT-pruned model) and held-out metrics against overall sparsity, per round."""
+from __future__ import annotations
+
+import numpy as np
+
+from dtm.components import KINDS, parse_component
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def sparsity_grid(per_component: dict[str, float]) -> np.ndarray:
+  """float [L, 7]: fraction of zeros of each (layer, kind), kinds in KINDS order."""
+  comps = [parse_component(name) for name in per_component]
+  grid = np.zeros((max(c.layer for c in comps) + 1, len(KINDS)))
+  for c, (_, v) in zip(comps, per_component.items()):
+    grid[c.layer, KINDS.index(c.kind)] = v
+  return grid
+
+
+def sparsity_heatmap(path: str, per_component: dict[str, float], title: str) -> None:
+  """Rows: layers, columns: q, k, v, o, gate, up, down; colour: fraction pruned."""
+  plt = _pyplot()
+  grid = sparsity_grid(per_component)
+  num_layers = grid.shape[0]
+  fig, ax = plt.subplots(figsize=(4.8, max(3.0, 0.22 * num_layers + 1.4)))
+  im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
+                 interpolation="nearest")
+  ax.set_xticks(range(len(KINDS)), KINDS)
+  step = 1 if num_layers <= 32 else 2
+  ax.set_yticks(range(0, num_layers, step))
+  ax.set_xlabel("component")
+  ax.set_ylabel("layer")
+  if num_layers <= 40:
+    for (l, k), v in np.ndenumerate(grid):
+      ax.text(k, l, f"{v:.2f}".lstrip("0") if v < 1 else "1", ha="center", va="center",
+              fontsize=5, color="white" if v < 0.6 else "black")
+  fig.colorbar(im, ax=ax, label="sparsity")
+  ax.set_title(title, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=130)
+  plt.close(fig)
+
+
+def curves(path: str, records: list[dict], alphas, new_tokens: int, title: str) -> None:
+  """Held-out FDT_α (each α), DPPL and perplexity against overall linear sparsity, one
+  point per round (round 0: the original model)."""
+  plt = _pyplot()
+  x = [r["sparsity"] for r in records]
+  panels = [("FDT_α (tokens)", [(f"α={a:g}", [r["heldout"][f"fdt_alpha_{a:g}"] for r in records])
+                               for a in alphas]),
+            ("DPPL", [("DPPL", [r["heldout"]["dppl"] for r in records])])]
+  if all("ppl" in r["heldout"] for r in records):
+    panels.append(("perplexity", [("PPL", [r["heldout"]["ppl"] for r in records])]))
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.4))
+  for ax, (label, series) in zip(np.atleast_1d(axes), panels):
+    for name, y in series:
+      ax.plot(x, y, marker="o", label=name)
+    ax.set_xlabel("overall sparsity of linear kernels")
+    ax.set_ylabel(label)
+    if label.startswith("FDT"):
+      ax.set_ylim(-0.5, new_tokens + 0.5)
+      ax.legend(fontsize=7)
+    else:
+      ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=130)
+  plt.close(fig)
