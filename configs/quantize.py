@@ -1,0 +1,82 @@
+"""Quantization search (the paper's search tree): the largest share of linear parameters
+quantized with held-out FDT_α >= bound, for FDT-, DPPL-, KL-ranked and random orders.
+
+  python main.py --config=configs/quantize.py --workdir=runs/quant-smollm2
+  python main.py --config=configs/quantize.py:model=llama2-7b --workdir=runs/quant-7b
+
+Args: model (configs.common.MODELS); runlocal (tiny CPU run for tests); mixed (stages
+int4 group-wise, then int8 for the rest).
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, model="smollm2", runlocal=False, mixed=False)
+  config = ml_collections.ConfigDict()
+  # Which job main.py runs.
+  config.job = "quantize"
+  common.model_fields(config, common.model_name(arg.model))
+  common.data_fields(config)
+  # Held-out prompts (the search's bound is checked on them); selection prompts (the
+  # ranking probes) are drawn from the same data with search.selection_seed.
+  common.prompt_fields(config)
+  common.calibration_fields(config)
+  s = config.search = ml_collections.ConfigDict()
+  # Quantization method family (probe.method of the ranking probes): absmax | rtn | gptq.
+  s.method = "absmax"
+  # Stages: one level (bits) per stage, tried in this order; (4, 8) = int4 where FDT allows,
+  # int8 for the rest.
+  s.levels = (8,)
+  # Further method arguments, e.g. 'granularity=tensor' (absmax) or 'group_size=64' (gptq).
+  s.method_args = "granularity=tensor"
+  # Components searched: kinds (subset of q,k,v,o,gate,up,down) and layers ('*' or '0-3,7').
+  s.kinds = "q,k,v,o,gate,up,down"
+  s.layers = "*"
+  # Rankings to run: fdt (the paper's), dppl, kl, random (seeded by search.seed).
+  s.rank_by = ("fdt", "dppl", "kl", "random")
+  # FDT_α of the bound, and the bounds in tokens (each 0 <= bound <= prompts.new_tokens).
+  s.alpha = 0.9
+  s.bounds = (24.0,)
+  # Consecutive rejections that end a stage (0 = try every component).
+  s.patience = 0
+  # Most evaluated configurations per search (0 = no limit).
+  s.max_evals = 0
+  # Seed of the random ranking.
+  s.seed = 0
+  # Seed of the selection prompts (must draw prompts other than the held-out ones).
+  s.selection_seed = 1000
+  # Selection prompts as a token-id JSONL file; required when prompts.jsonl is set.
+  s.selection_jsonl = ""
+  # Probes per device and call of the ranking sweep (0 = automatic).
+  s.chunk_size = 0
+  # CPU-only hosts: JAX CPU devices (0 = one per core); see configs/probe.py.
+  config.cpu_devices = 0
+
+  config.data.source = "text"
+  config.data.data_files = "../shared/data/wikitext-2-raw/wiki.test.raw"
+  config.prompts.num = 16
+  config.prompts.length = 32
+  config.prompts.new_tokens = 32
+  if arg.mixed:
+    s.levels = (4, 8)
+    s.method_args = "granularity=group,group_size=64"
+  if arg.model != "smollm2":
+    config.param_dtype = config.dtype = "bfloat16"
+    config.data.source = "wikitext-2-raw-v1"
+    config.data.data_files = ""
+    config.prompts.num = 64
+  if arg.runlocal:
+    config.data.source = "default"
+    config.data.data_files = ""
+    config.prompts.num = 4
+    config.prompts.length = 12
+    config.prompts.new_tokens = 8
+    config.prompts.batch_size = 4
+    s.bounds = (6.0,)
+    s.levels = (3,)
+    config.calibration.samples = 4
+    config.calibration.length = 16
+    config.calibration.batch_size = 4
+  return config
