@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dtm.compress import act_quant
 from dtm.model_config import ModelConfig
 
 Array = jax.Array
@@ -95,11 +96,18 @@ class Kernel(nn.Module):
     return self.param("kernel", nn.initializers.normal(0.02), (in_features, self.features),
                       self.param_dtype)
 
+  def act(self):
+    """This kind's activation-quantization (mode, threshold) of the current layer, or None
+    (`dtm.compress.act_quant.read`); call after __call__."""
+    return act_quant.read(self)
 
-def _dot(x: Array, kernel: Array, dtype) -> Array:
+
+def _dot(x: Array, kernel: Array, dtype, act=None) -> Array:
+  """The one matmul of every decoder linear: x [..., in] @ kernel [in, out] -> f32. act
+  None is the float matmul; otherwise W8A8 / LLM.int8 (`dtm.compress.act_quant.dot`)."""
   # f32 accumulation requested explicitly: on CPU this selects the fast (AMX/oneDNN)
   # bf16 kernels, on TPU/GPU it is what the MXU/tensor cores do anyway.
-  return jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+  return act_quant.dot(x, kernel, dtype, act)
 
 
 class Linear(nn.Module):
@@ -113,7 +121,7 @@ class Linear(nn.Module):
   def __call__(self, x: Array) -> Array:
     kernel = self.param("kernel", nn.initializers.normal(0.02),
                         (x.shape[-1], self.features), self.param_dtype)
-    y = _dot(x, kernel, self.dtype)
+    y = _dot(x, kernel, self.dtype, act_quant.read(self))
     return y if self.out_f32 else y.astype(self.dtype)
 
 
@@ -185,13 +193,16 @@ class MLP(nn.Module):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     f, d = cfg.intermediate_size, x_BTD.shape[-1]
-    w_gate = Kernel(f, pdt, name="gate")(d)
-    w_up = Kernel(f, pdt, name="up")(d)
-    if math.prod(x_BTD.shape[:-1]) >= FUSED_GATE_UP_MIN_ROWS:
+    gate_m, up_m = Kernel(f, pdt, name="gate"), Kernel(f, pdt, name="up")
+    w_gate, w_up = gate_m(d), up_m(d)
+    act_gate, act_up = gate_m.act(), up_m.act()
+    if (math.prod(x_BTD.shape[:-1]) >= FUSED_GATE_UP_MIN_ROWS and act_gate is None
+        and act_up is None):
       gate_up = _dot(x_BTD, jnp.concatenate([w_gate, w_up], axis=1), dt).astype(dt)
       gate, up = gate_up[..., :f], gate_up[..., f:]
     else:
-      gate, up = _dot(x_BTD, w_gate, dt).astype(dt), _dot(x_BTD, w_up, dt).astype(dt)
+      gate = _dot(x_BTD, w_gate, dt, act_gate).astype(dt)
+      up = _dot(x_BTD, w_up, dt, act_up).astype(dt)
     return Linear(cfg.hidden_size, dt, pdt, name="down")(jax.nn.silu(gate) * up)
 
 

@@ -22,6 +22,13 @@ Spec grammar (one string, usable as an ml_collections field or on the command li
             calibration=...)` or `calibration.calibrate_and_compress`; one positional
             argument is the rate, two are n, m: wanda(0.5) == wanda(rate=0.5),
             wanda(2,4) == wanda(n=2,m=4); n is the number KEPT of every m, as in nm)
+            w8a8()                           int8 per-token dynamic activations x int8 per-channel
+                                             weights, int32 accumulation (dtm.compress.int8)
+            llm_int8(threshold=6.0)          LLM.int8: input columns with |x| >= threshold in
+                                             the compute dtype, the rest as w8a8
+            (w8a8 and llm_int8 quantize activations, at run time: apply_spec leaves the
+            kernel float and adds mode leaves that the model's matmul reads,
+            dtm.compress.act_quant)
 
   e.g. "down@*:magnitude(0.5); q@3:absmax(bits=8,granularity=channel); gate,up@0-3,7:nm(2,4)"
 
@@ -112,6 +119,9 @@ _SIGNATURES: dict[str, tuple[_Param, ...]] = {
     "sparsegpt": (_Param("rate", _to_float, False), _Param("n", _to_int, False),
                   _Param("m", _to_int, False), _Param("percdamp", _to_float, False, 0.01),
                   _Param("blocksize", _to_int, False, 128)),
+    # activation-aware linears (dtm.compress.act_quant, dtm.compress.int8)
+    "w8a8": (),
+    "llm_int8": (_Param("threshold", _to_float, False, 6.0),),
 }
 METHOD_NAMES: tuple[str, ...] = tuple(_SIGNATURES)
 
@@ -164,6 +174,10 @@ def _check_values(name: str, a: dict[str, Any]) -> None:
       raise DtmError(f"absmax group_size must be >= 1, got {g}")
   if name in _RATE_OR_NM:
     _check_rate_or_nm(name, a)
+  if name == "llm_int8" and not (math.isfinite(a["threshold"]) and a["threshold"] > 0):
+    raise DtmError(f"llm_int8 outlier threshold must be a finite number > 0 (|x| >= threshold "
+                   f"marks an outlier feature; the paper uses 6.0), got {a['threshold']}; for "
+                   f"no decomposition use w8a8")
 
 
 def _check_rate_or_nm(name: str, a: dict[str, Any]) -> None:
@@ -642,6 +656,9 @@ def identity(w_OI: jax.Array):
 
 def compress(w_OI: jax.Array, method: Method):
   """Apply `method` to one HF-layout weight [out, in] -> (w', stats). Traceable."""
+  if method.name in ("w8a8", "llm_int8"):
+    raise DtmError(f"{method.to_string()} quantizes activations at run time and has no weight-only "
+                   f"form; apply it with apply_spec (mode leaves read by the model's matmul)")
   fn = {"identity": identity, "magnitude": magnitude, "nm": nm, "absmax": absmax}[method.name]
   return fn(w_OI, **method.kwargs)
 
@@ -760,13 +777,20 @@ def apply_spec(params, spec: str | Spec, *, batch_size: int | None = None,
   and sparsegpt's report entries also hold 'damp'. For the reference procedure, where
   layer l's statistics come from the already compressed layers < l, use
   `calibration.calibrate_and_compress`.
+
+  w8a8 / llm_int8 components keep their float kernel; their kinds get int32 mode and f32
+  threshold leaves [L] beside the kernel (`act_quant.attach`), which the model's matmul
+  reads, so the returned tree works with every `Llama.apply({'params': ...})` caller.
   """
   num_layers, shapes = kernel_shapes(params)
   spec = validate(spec, num_layers, shapes)
   groups: dict[tuple[str, Method], list[int]] = collections.defaultdict(list)
   calibrated: dict[Component, Method] = {}
+  activation: dict[Component, Method] = {}
   for comp, method in spec.resolve(num_layers).items():
-    if method.name in CALIBRATED_METHODS:
+    if method.name in ("w8a8", "llm_int8"):  # activation methods: dtm.compress.act_quant
+      activation[comp] = method
+    elif method.name in CALIBRATED_METHODS:
       calibrated[comp] = method
     else:
       groups[(comp.kind, method)].append(comp.layer)
@@ -787,6 +811,13 @@ def apply_spec(params, spec: str | Spec, *, batch_size: int | None = None,
                                              "bits": int(stats["bits"][i])}
   new_params, calibrated_report = _apply_calibrated(new_params, calibrated, calibration)
   report.update(calibrated_report)
+  if activation:
+    from dtm.compress import act_quant  # lazy, as the other method modules
+    new_params = act_quant.attach(new_params, activation)
+    zeros = jax.device_get({c: jnp.mean(get_path(new_params, kernel_path(c.kind))[c.layer] == 0,
+                                        dtype=jnp.float32) for c in activation})
+    report.update({c.name: {"method": m.to_string(), "sparsity": float(zeros[c]), "bits": 8}
+                   for c, m in activation.items()})
   return new_params, dict(sorted(report.items()))
 
 

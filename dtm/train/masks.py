@@ -6,7 +6,11 @@ A spec's components split into
     by a boolean mask (updates masked, params re-masked after every optimizer update);
   * *quantized* components (every other non-identity method, e.g. absmax): the forward
     pass uses the quantized weights, the gradient flows to the float master weights
-    unchanged (straight-through estimator, w + stop_gradient(q(w) − w)).
+    unchanged (straight-through estimator, w + stop_gradient(q(w) − w));
+  * *activation* components (w8a8, llm_int8; `dtm.compress.act_quant`): the kernel stays
+    float and `quantize` adds the per-kind mode leaves, as constants outside the
+    differentiated tree; the model's matmul quantizes x and w in the forward pass and has
+    the float matmul's gradient (straight-through).
 
 Masks are a flat dict {param path 'layers/attn/q/kernel': bool [L, in, out]} holding only
 the kinds with at least one pruned layer (True = weight kept; layers of that kind that are
@@ -22,7 +26,7 @@ import jax.numpy as jnp
 
 from dtm import compress
 from dtm.components import get_path, kernel_path
-from dtm.compress import _compress_layers, _set_path
+from dtm.compress import _compress_layers, _set_path, act_quant
 
 PRUNING_METHODS = ("magnitude", "nm", "wanda", "sparsegpt")
 
@@ -39,11 +43,13 @@ def key_path(key: str) -> tuple[str, ...]:
 class CompressionPlan:
   """A validated spec split by role (hashable: a static jit argument).
 
-  pruned / quantized: ((kind, method, layers), ...) groups, layers a sorted tuple.
+  pruned / quantized / activation: ((kind, method, layers), ...) groups, layers a sorted
+  tuple.
   """
   spec: compress.Spec
   pruned: tuple[tuple[str, compress.Method, tuple[int, ...]], ...]
   quantized: tuple[tuple[str, compress.Method, tuple[int, ...]], ...]
+  activation: tuple[tuple[str, compress.Method, tuple[int, ...]], ...] = ()
 
   @property
   def mask_kinds(self) -> tuple[str, ...]:
@@ -51,7 +57,7 @@ class CompressionPlan:
 
   @property
   def components(self) -> int:
-    return sum(len(layers) for _, _, layers in self.pruned + self.quantized)
+    return sum(len(layers) for _, _, layers in self.pruned + self.quantized + self.activation)
 
 
 def make_plan(spec, params) -> CompressionPlan:
@@ -62,11 +68,12 @@ def make_plan(spec, params) -> CompressionPlan:
   groups: dict[tuple[str, compress.Method], list[int]] = collections.defaultdict(list)
   for comp, method in spec.resolve(num_layers).items():
     groups[(comp.kind, method)].append(comp.layer)
-  pruned, quantized = [], []
+  pruned, quantized, activation = [], [], []
   for (kind, method), layers in groups.items():
-    (pruned if method.name in PRUNING_METHODS else quantized).append(
-        (kind, method, tuple(layers)))
-  return CompressionPlan(spec, tuple(pruned), tuple(quantized))
+    role = (pruned if method.name in PRUNING_METHODS else
+            activation if method.name in act_quant.ACTIVATION_METHODS else quantized)
+    role.append((kind, method, tuple(layers)))
+  return CompressionPlan(spec, tuple(pruned), tuple(quantized), tuple(activation))
 
 
 def derive_masks(plan: CompressionPlan, compressed_params) -> dict[str, jax.Array]:
@@ -104,13 +111,19 @@ def prune(plan: CompressionPlan, params):
 def quantize(plan: CompressionPlan, params, *, ste: bool):
   """Params whose quantized components hold their quantized values. With `ste`, the
   values are w + stop_gradient(q(w) − w): the forward sees q(w), the gradient w.r.t. w
-  is the identity (straight-through estimator). Traceable (used inside the train step)."""
+  is the identity (straight-through estimator). Activation components get their mode
+  leaves (`act_quant.attach`; their matmul is straight-through whatever `ste`).
+  Traceable (used inside the train step)."""
   for kind, method, layers in plan.quantized:
     path = kernel_path(kind)
     kernel = get_path(params, path)
     q, _ = _compress_layers(jax.lax.stop_gradient(kernel), jnp.asarray(layers, jnp.int32),
                             method=method, batch_size=None)
     params = _set_path(params, path, kernel + jax.lax.stop_gradient(q - kernel) if ste else q)
+  if plan.activation:
+    params = act_quant.attach(params, {compress.Component(l, kind): method
+                                       for kind, method, layers in plan.activation
+                                       for l in layers})
   return params
 
 

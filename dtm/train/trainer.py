@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dtm import data, io_utils
+from dtm.compress import act_quant
 from dtm.errors import DtmError
 from dtm.model_config import ModelConfig
 from dtm.train import masks as masks_lib
@@ -233,8 +234,9 @@ def train(cfg: ModelConfig, params, spec, tc, *, tokens: np.ndarray, workdir: st
   remask = jax.jit(lambda s: {**s, **dict(zip(("params", "masks"),
                                              masks_lib.prune(plan, s["params"])))},
                    out_shardings=shardings, donate_argnums=(0,))
+  # (activation modes add leaves: that tree has no sharding tree here, jit places it)
   effective = jax.jit(lambda p: masks_lib.quantize(plan, p, ste=False),
-                      out_shardings=shardings["params"])
+                      out_shardings=None if plan.activation else shardings["params"])
   sparsity = jax.jit(masks_lib.sparsity_by_kind)
   batch_sharding = sharding.batch_sharding(mesh)
   tokens_per_step = tc.batch_size * tc.seq_len
@@ -331,7 +333,8 @@ def train(cfg: ModelConfig, params, spec, tc, *, tokens: np.ndarray, workdir: st
   final_params, final_masks = state["params"], state["masks"]
   if not interrupted and not acdc.is_compressed(int(tc.steps) - 1):
     final_params, final_masks = jax.jit(lambda p: masks_lib.prune(plan, p))(final_params)
-  return TrainResult(params=effective(final_params), masks=final_masks, step=s,
+  # w8a8 / llm_int8 run at inference from the spec: the saved model holds float kernels
+  return TrainResult(params=act_quant.strip(effective(final_params)), masks=final_masks, step=s,
                      interrupted=interrupted, evals=evals, last=last)
 
 
