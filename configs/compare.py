@@ -61,6 +61,7 @@ def get_config(arg=None):
   config.domain_names = "prose,code"
   common.prompt_fields(config)
   common.ppl_fields(config)
+  common.calibration_fields(config)
   sampling = config.sampling = ml_collections.ConfigDict()
   # Also compute DTMs under sampling decoding (dtm.sampling: shared Gumbel noise).
   sampling.enabled = True
@@ -92,4 +93,8 @@ def get_config(arg=None):
     config.ppl.window = 32
     config.ppl.ctx = 16
     config.ppl.max_windows = 2
+    config.calibration.source = "default"
+    config.calibration.samples = 4
+    config.calibration.length = 16
+    config.calibration.batch_size = 4
   return config

@@ -37,6 +37,7 @@ def make_config(model_dir: str, **overrides):
   config.model = model_dir
   config.prompts.num = 6
   config.domains.code.max_docs = 20
+  config.compressions = tuple(config.compressions) + ("down@1:wanda(0.5)",)
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")
@@ -69,6 +70,7 @@ def test_compare_job_records_resume_and_correlations(tiny_dir, tmp_path):
   assert row["fdt_mean"] == agg["fdt_mean"] and row["sdt_mean"] == pytest.approx(agg["sdt_mean"])
   assert set(res["rank_correlations"]["prose"]) >= {"fdt_mean", "dppl", "sampled_fdt_mean"}
   assert "fdt_mean" in res["cross_domain"]
+  assert json.load(open(os.path.join(workdir, "sweep.json")))["identity"]["calibration"]["samples"] == 4
   # rerun: nothing recomputed; add a spec: only it is evaluated
   lines = open(os.path.join(workdir, "probes.jsonl")).read().splitlines()
   assert len(lines) == 2 * len(specs)

@@ -122,12 +122,14 @@ def run(config, workdir: str) -> dict:
   model = common.load(config)
   num_layers, shapes = compress.kernel_shapes(model.params)
   parsed = {t: compress.validate(t, num_layers, shapes) for t in specs}
+  calib = next(filter(None, (common.calibration_for(config, model, t) for t in specs)), None)
   domains = [Domain(config, name, model, workdir, s) for name in names]
   identity = {
       "model": config.model, "model_source": model.source, "param_dtype": config.param_dtype,
       "dtype": config.dtype, "new_tokens": int(config.prompts.new_tokens),
       "alphas": [float(a) for a in config.alphas],
       "sampling": None if s is None else s.describe(),
+      "calibration": None if calib is None else calib[1],
       "domains": {d.name: {"prompts": d.fingerprint, "settings": d.settings} for d in domains},
   }
   store = ProbeStore.open(workdir, identity)
@@ -137,8 +139,10 @@ def run(config, workdir: str) -> dict:
         f"({', '.join(names)}), {len(todo)} to evaluate")
   for i, text in enumerate(todo):
     t1 = time.time()
-    params_c, report_c = (model.params, {}) if text == "none" else compress.apply_spec(
-        model.params, parsed[text])
+    if text == "none":
+      params_c, report_c = model.params, {}
+    else:  # calibrated methods (wanda, sparsegpt, gptq) take config.calibration's windows
+      params_c, report_c, _ = common.compress_model(config, model, parsed[text], calib)
     recs = []
     for d in domains:
       key = f"{text}|{d.name}"
