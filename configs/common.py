@@ -95,3 +95,37 @@ def ppl_fields(config: ml_collections.ConfigDict) -> None:
   ppl.max_windows = 16
   # Windows per forward pass.
   ppl.batch_size = 8
+
+
+def calibration_fields(config: ml_collections.ConfigDict) -> None:
+  """Calibration windows for the methods that need input statistics (wanda, sparsegpt,
+  gptq); unused unless config.compression (or probe.method) names one of them."""
+  cal = config.calibration = ml_collections.ConfigDict()
+  # Corpus of the windows, as data.source: 'wikitext-2-raw-v1', 'c4', a hub id, or a local
+  # builder 'text' | 'json' | 'parquet' | 'auto' with data_files (the references use C4 or
+  # WikiText-2 train).
+  cal.source = "wikitext-2-raw-v1"
+  # Local file(s) for the local builders (comma-separated for several).
+  cal.data_files = ""
+  # Split of hub datasets (keep it apart from the evaluation data).
+  cal.split = "train"
+  # Column holding the text.
+  cal.text_field = "text"
+  # Keep only the first max_docs documents (0 = all; 'c4' needs it, it is streamed).
+  cal.max_docs = 0
+  # BOS at the start of every window: 'auto' (tokenizer's own add_bos_token), 'yes' or 'no'.
+  cal.bos = "auto"
+  # JSONL file of token-id windows ({"ids": [...]} per line, each of `length` ids); overrides
+  # the corpus when set (the only source for a model without a tokenizer).
+  cal.jsonl = ""
+  # Number of windows (the references' nsamples).
+  cal.samples = 128
+  # Window length in tokens (the references' seqlen: 2048); at most the model's context.
+  cal.length = 2048
+  # Seed for the window offsets.
+  cal.seed = 0
+  # 'sequential' (the references: layer l's statistics from the compressed layers < l) or
+  # 'parallel' (every statistic from the original model).
+  cal.mode = "sequential"
+  # Windows per forward pass while collecting statistics (must divide samples).
+  cal.batch_size = 8

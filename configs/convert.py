@@ -5,6 +5,7 @@
       --config.compression='down@*:magnitude(0.5)' --config.export_hf=True
 
 The orbax dir is then usable as --config.model=models/llama2-7b in every job.
+Args: model (see configs.common.MODELS), runlocal (small calibration for tests).
 """
 import ml_collections
 
@@ -12,17 +13,23 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, model="smollm2")
+  arg = common.parse_arg(arg, model="smollm2", runlocal=False)
   config = ml_collections.ConfigDict()
   # Which job main.py runs.
   config.job = "convert"
   common.model_fields(config, common.model_name(arg.model))
-  # Optional compression applied before saving (spec grammar: dtm/compress.py).
+  # Optional compression applied before saving (spec grammar: dtm/compress/__init__.py;
+  # wanda, sparsegpt and gptq use the calibration block).
   config.compression = ""
+  common.calibration_fields(config)
   # Write <workdir>/params (orbax) + config/tokenizer: a dtm model directory.
   config.save_orbax = True
   # Also write <workdir>/hf: config.json + safetensors + tokenizer for transformers.
   config.export_hf = False
   # Shard size of exported safetensors files, in MB.
   config.max_shard_mb = 5000
+  if arg.runlocal:
+    config.calibration.samples = 4
+    config.calibration.length = 32
+    config.calibration.batch_size = 4
   return config

@@ -18,11 +18,13 @@ def get_config(arg=None):
   config.job = "evaluate"
   common.model_fields(config, common.model_name(arg.model))
   # Compression spec, e.g. 'down@*:magnitude(0.5); q@3:absmax(bits=8,granularity=channel)';
-  # '' = the original model. Grammar: dtm/compress.py.
+  # '' = the original model. Grammar: dtm/compress/__init__.py; wanda, sparsegpt and gptq
+  # use the calibration block below.
   config.compression = ""
   common.data_fields(config)
   common.prompt_fields(config)
   common.ppl_fields(config)
+  common.calibration_fields(config)
   # FDT_α levels to report.
   config.alphas = (0.75, 0.9)
   # Also compute per-position KL(F‖F') and top-1 agreement (needs the base logits).
@@ -34,4 +36,7 @@ def get_config(arg=None):
     config.ppl.window = 32
     config.ppl.ctx = 16
     config.ppl.max_windows = 2
+    config.calibration.samples = 4
+    config.calibration.length = 32
+    config.calibration.batch_size = 4
   return config

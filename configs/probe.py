@@ -23,11 +23,14 @@ def get_config(arg=None):
   common.data_fields(config)
   common.prompt_fields(config)
   probe = config.probe = ml_collections.ConfigDict()
-  # Compression method family: magnitude | absmax | nm.
+  # Compression method family: magnitude | absmax | nm | rtn, or calibrated (statistics of
+  # the original model, config.calibration in parallel mode): wanda | sparsegpt | gptq.
   probe.method = "magnitude"
-  # Levels: the method's first argument (rate for magnitude, bits for absmax, n for nm).
+  # Levels: the method's first argument (rate for magnitude / wanda / sparsegpt, bits for
+  # absmax / rtn / gptq, n for nm; wanda and sparsegpt take n with method_args='m=4').
   probe.levels = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
-  # Further method arguments, e.g. 'granularity=channel' (absmax) or 'm=4' (nm).
+  # Further method arguments, e.g. 'granularity=channel' (absmax), 'm=4' (nm, wanda, sparsegpt)
+  # or 'group_size=128' (rtn, gptq).
   probe.method_args = ""
   # Component kinds to probe (comma-separated subset of q,k,v,o,gate,up,down).
   probe.kinds = "q,k,v,o,gate,up,down"
@@ -40,6 +43,9 @@ def get_config(arg=None):
   probe.candidate_alpha = 0.9
   # FDT threshold in tokens for candidates (0 = half of prompts.new_tokens).
   probe.candidate_min_fdt = 0
+  common.calibration_fields(config)
+  # Probes compress one component of the original model: statistics of the original.
+  config.calibration.mode = "parallel"
   # FDT_alpha levels stored per probe.
   config.alphas = (0.75, 0.9)
   # Per-position KL(F‖F') and top-1 agreement per probe (keeps base logits on device).
@@ -68,6 +74,9 @@ def get_config(arg=None):
     config.probe.levels = (0.5, 0.9)
     config.probe.layers = "0,29"
     config.probe.kinds = "q,down"
+    config.calibration.samples = 4
+    config.calibration.length = 16
+    config.calibration.batch_size = 4
   return config
 
 

@@ -8,8 +8,14 @@ Probes of one component form a *chunk*, evaluated on one device:
   * the per-probe compression is applied inside the call, vmapped over the K levels
     of the chunk: each probe finds its magnitude threshold (value, HF flat index) by
     counting passes over |w| (`compress.magnitude_cut`, exact, no sort);
-    AbsMax and N:M are computed per probe from the weight (`compress.absmax_values`,
-    `compress.nm_rank`); no copy of the model is built per probe;
+    AbsMax, RTN and N:M are computed per probe from the weight (`compress.absmax_values`,
+    `gptq.rtn`, `compress.nm_rank`); Wanda per probe from one per-component rank of its
+    score |W_ij| * ||X_j|| (per output row, or per group of m), so the statistics
+    (`calibration.InputStats.sq_norms` of the ORIGINAL model) enter the call as a
+    replicated [L, in] table per kind; no copy of the model is built per probe;
+  * SparseGPT and GPTQ update the weights, so their kernels are computed per probe
+    before the call (`compress.compress_calibrated`, with the original model's Hessians)
+    and enter it sharded like the slots ("precomputed" families: one kind per call);
   * layers l+1..L-2 run with the base weights on all K·P sequences at once, in a
     `lax.fori_loop` with a traced start layer (one compile per method family: the
     probed kind is a traced index into a `lax.switch`);
@@ -35,25 +41,46 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 
 from dtm import compress
-from dtm.components import KINDS, Component, kernel_path
+from dtm.components import KINDS, Component, get_path, kernel_path
 from dtm.evaluation import final_base, head_stats
 from dtm.model import Llama, apply_layer
 from dtm.model_config import ModelConfig
+
+
+# Families whose probes' kernels are computed before the call (weight updates).
+PRECOMPUTED: tuple[str, ...] = ("sparsegpt", "gptq")
 
 
 @dataclasses.dataclass(frozen=True)
 class MethodFamily:
   """The static part of a compression method (one compile per family and kind):
   name plus the arguments that shape the computation. The per-level argument
-  (rate / bits / n) is dynamic and vmapped."""
+  (rate / bits / n) is dynamic and vmapped. `options`: the method's other arguments
+  ((key, value), ...), e.g. sym for rtn, percdamp for sparsegpt."""
   name: str
   granularity: str | None = None
   group_size: int | None = None
   m: int | None = None
+  options: tuple[tuple[str, object], ...] = ()
+
+  @property
+  def precomputed(self) -> bool:
+    return self.name in PRECOMPUTED
+
+  @property
+  def calibrated(self) -> bool:
+    return self.name in compress.CALIBRATED_METHODS
+
+  @property
+  def level_key(self) -> str:
+    """The method argument that the level sets."""
+    if self.name in ("absmax", "rtn", "gptq"):
+      return "bits"
+    return "n" if self.m is not None or self.name == "nm" else "rate"
 
 
 def split_method(method: compress.Method) -> tuple[MethodFamily, float]:
-  """Method -> (static family, dynamic level value)."""
+  """Method -> (static family, dynamic level value); `family_method` inverts it."""
   a = method.kwargs
   if method.name == "magnitude":
     return MethodFamily("magnitude"), float(a["rate"])
@@ -63,14 +90,42 @@ def split_method(method: compress.Method) -> tuple[MethodFamily, float]:
     return MethodFamily("nm", m=int(a["m"])), float(a["n"])
   if method.name == "identity":
     return MethodFamily("identity"), 0.0
+  if method.name in ("wanda", "sparsegpt"):
+    level = "n" if "m" in a else "rate"
+    options = tuple((k, v) for k, v in method.args if k not in ("rate", "n", "m"))
+    return MethodFamily(method.name, m=a.get("m"), options=options), float(a[level])
+  if method.name in ("rtn", "gptq"):
+    options = tuple((k, v) for k, v in method.args if k not in ("bits", "group_size"))
+    return (MethodFamily(method.name, group_size=a.get("group_size"), options=options),
+            float(a["bits"]))
   raise ValueError(f"probing does not support method {method.name!r}")
 
 
-def dynamic_arg(family: MethodFamily, level: float, numel: int) -> float:
+def family_method(family: MethodFamily, level: float) -> compress.Method:
+  """The Method of `family` at `level` (split_method's inverse)."""
+  args = dict(family.options)
+  args[family.level_key] = level
+  if family.m is not None:
+    args["m"] = family.m
+  if family.name == "absmax":
+    args["granularity"] = family.granularity
+  if family.group_size is not None:
+    args["group_size"] = family.group_size
+  return compress.Method(family.name, args)
+
+
+def dynamic_arg(family: MethodFamily, level: float, numel: int, in_dim: int | None = None
+                ) -> float:
   """The per-probe scalar the compiled chunk consumes: k = num_pruned(rate, numel) for
-  magnitude (exact host integer arithmetic), qmax = 2^(bits-1)-1 for absmax, n for nm."""
+  magnitude and k = num_pruned(rate, in_dim) (per output row) for wanda(rate) (exact
+  host integer arithmetic), qmax = 2^(bits-1)-1 for absmax, n for nm and wanda(n, m),
+  bits for rtn; the level itself for the precomputed families."""
   if family.name == "magnitude":
     return float(compress.num_pruned(level, numel))
+  if family.name == "wanda" and family.m is None:
+    if in_dim is None:
+      raise ValueError("wanda(rate) probes need the weight's input dimension")
+    return float(compress.num_pruned(level, in_dim))
   if family.name == "absmax":
     return float(2 ** (int(level) - 1) - 1)
   return float(level)
@@ -105,10 +160,22 @@ def _hf_flat_index(in_dim: int, out_dim: int) -> jax.Array:
           + jnp.arange(in_dim, dtype=jnp.int32)[:, None])
 
 
-def _prepare(kernel_IO: jax.Array, family: MethodFamily):
-  """Per-component data shared by all levels of a chunk."""
+def _prepare(kernel_IO: jax.Array, family: MethodFamily, sq_norms_I: jax.Array | None = None):
+  """Per-component data shared by all levels of a chunk. Wanda: the rank of each weight's
+  score |W_ij| * sqrt(s_j) in its output row (stable ascending: ties -> lower input index
+  first, as `wanda.row_lowest`), or in its group of m (`compress.nm_rank`)."""
   if family.name == "nm":
     return {"rank": compress.nm_rank(kernel_IO.T, family.m).T}
+  if family.name == "wanda":
+    from dtm.compress import wanda as wanda_lib
+    score_OI = wanda_lib.wanda_score(kernel_IO.T, sq_norms_I)
+    if family.m is not None:
+      return {"rank": compress.nm_rank(score_OI, family.m).T}
+    order = jnp.argsort(score_OI, axis=1, stable=True)
+    rows = jnp.arange(score_OI.shape[0])[:, None]
+    rank_OI = jnp.zeros(score_OI.shape, jnp.int32).at[rows, order].set(
+        jnp.arange(score_OI.shape[1], dtype=jnp.int32)[None, :])
+    return {"rank": rank_OI.T}
   return {}
 
 
@@ -125,9 +192,16 @@ def _compress_kernel(kernel_IO, family: MethodFamily, arg, prep):
   if family.name == "absmax":
     return compress.absmax_values(kernel_IO.T, arg.astype(jnp.float32), family.granularity,
                                   family.group_size).T
-  if family.name == "nm":
+  if family.name in ("nm", "wanda") and family.m is not None:
     keep = prep["rank"] >= family.m - arg.astype(jnp.int32)
     return jnp.where(keep, kernel_IO, zero)
+  if family.name == "wanda":  # the k = arg lowest scores of each output row
+    return jnp.where(prep["rank"] < arg.astype(jnp.int32), zero, kernel_IO)
+  if family.name == "rtn":
+    from dtm.compress import gptq as gptq_lib
+    opts = dict(family.options)
+    return gptq_lib._rtn(kernel_IO.T, arg.astype(jnp.int32), jnp.bool_(opts["sym"]),
+                         group_size=family.group_size).w.T
   return kernel_IO
 
 
@@ -139,9 +213,14 @@ def _replace_kernel(lp, kind: str, kernel):
 # ----------------------------------------------------------------------------- chunk
 
 def probe_chunk(cfg: ModelConfig, params, h_in_LPSD, layer, kind_index, args_K, targets_PN,
-                base, *, kinds: tuple[str, ...], family: MethodFamily, c: int):
+                base, sq_norms=None, kernels_KIO=None, *, kinds: tuple[str, ...],
+                family: MethodFamily, c: int):
   """Stats of K probes on component (layer, kinds[kind_index]), levels given by args_K
   [K] (f32).
+
+  sq_norms: {kind: f32 [L, in]} Wanda's input statistics (wanda only); kernels_KIO: the
+  K probes' compressed kernels [K, in, out] (precomputed families only; then `kinds` is
+  that one kind and args_K is unused).
 
   h_in_LPSD: base residual stream at the input of every layer [L, P, S, D] (indexed
   here, inside the compiled call, so no per-layer slice is compiled); layer, kind_index:
@@ -161,13 +240,18 @@ def probe_chunk(cfg: ModelConfig, params, h_in_LPSD, layer, kind_index, args_K, 
     def branch(kind):
       def run():
         kernel = lp[kernel_path(kind)[1]][kind]["kernel"]
-        prep = _prepare(kernel, family)
 
-        def one(arg):
-          w = _compress_kernel(kernel, family, arg, prep)
+        def layer_with(w):
           h = apply_layer(cfg, _replace_kernel(lp, kind, w), h_in_PSD, positions, query_start)
           return h, jnp.mean(w == 0)
-        return jax.vmap(one)(args_K)  # [K, P, S', D], [K]
+        if family.precomputed:
+          return jax.vmap(layer_with)(kernels_KIO)  # [K, P, S', D], [K]
+        s_I = None
+        if family.name == "wanda":
+          s_I = jax.lax.dynamic_index_in_dim(sq_norms[kind], layer, keepdims=False)
+        prep = _prepare(kernel, family, s_I)
+        return jax.vmap(lambda arg: layer_with(_compress_kernel(kernel, family, arg, prep)))(
+            args_K)
       return run
     branches = [branch(kind) for kind in kinds]
     return branches[0]() if len(branches) == 1 else jax.lax.switch(kind_index, branches)
@@ -238,9 +322,13 @@ class ProbeRunner:
   runs one probe per core, which beats splitting each matmul over the cores."""
 
   def __init__(self, cfg: ModelConfig, params, seq_PS: np.ndarray, c: int, mesh: Mesh,
-               kl: bool = True, kinds: tuple[str, ...] = KINDS):
+               kl: bool = True, kinds: tuple[str, ...] = KINDS, statistics=None):
+    """statistics: {Component: calibration.InputStats} of the original model, for the
+    calibrated families (wanda: sq_norms; sparsegpt, gptq: hessian) on the probed
+    components."""
     self.cfg, self.params, self.c, self.mesh = cfg, params, c, mesh
     self.kinds = tuple(kinds)
+    self.statistics = statistics
     self.num_devices = mesh.devices.size
     rep = NamedSharding(mesh, PS())
     # The base pass is data-parallel over prompts when they divide evenly; its outputs
@@ -252,6 +340,9 @@ class ProbeRunner:
     self.h_in, base = base_fn(params, seq)
     self.base = base if kl else None
     self.targets = jax.device_put(jnp.asarray(seq_PS[:, c:]), rep)
+    self.sq_norms = None
+    if statistics:
+      self.sq_norms = jax.device_put(_sq_norm_tables(params, statistics, self.kinds), rep)
     self._fns = {}
 
   def _fn(self, kinds: tuple[str, ...], family: MethodFamily):
@@ -259,14 +350,17 @@ class ProbeRunner:
     if key not in self._fns:
       chunk = functools.partial(probe_chunk, self.cfg, kinds=kinds, family=family, c=self.c)
 
-      def local(params, h_in, layer_1, kind_1, args_1k, targets, base):  # one device's slot
-        out = chunk(params, h_in, layer_1[0], kind_1[0], args_1k[0], targets, base)
+      def local(params, h_in, layer_1, kind_1, args_1k, targets, base, sq_norms,
+                kernels_1KIO):  # one device's slot
+        kernels = None if kernels_1KIO is None else kernels_1KIO[0]
+        out = chunk(params, h_in, layer_1[0], kind_1[0], args_1k[0], targets, base, sq_norms,
+                    kernels)
         return jax.tree.map(lambda x: x[None], out)
 
       rep, dev = PS(), PS("probe")
       self._fns[key] = jax.jit(jax.shard_map(
-          local, mesh=self.mesh, in_specs=(rep, rep, dev, dev, dev, rep, rep), out_specs=dev,
-          check_vma=False))
+          local, mesh=self.mesh, in_specs=(rep, rep, dev, dev, dev, rep, rep, rep, dev),
+          out_specs=dev, check_vma=False))
     return self._fns[key]
 
   def run_slots(self, family: MethodFamily, slots: list[Slot],
@@ -279,9 +373,15 @@ class ProbeRunner:
     kinds = self.kinds if kinds is None else tuple(kinds)
     if not slots or len(slots) > self.num_devices:
       raise ValueError(f"a call takes 1..{self.num_devices} slots, got {len(slots)}")
+    if family.precomputed:  # one compile per kind: the kernels' shape is the kind's
+      kinds = tuple(sorted({s.component.kind for s in slots}))
+      if len(kinds) != 1:
+        raise ValueError(f"a {family.name} call takes slots of one kind, got {kinds}")
     missing = {s.component.kind for s in slots} - set(kinds)
     if missing:
       raise ValueError(f"kinds {sorted(missing)} are not among the compiled kinds {kinds}")
+    if family.calibrated and not self.statistics:
+      raise ValueError(f"{family.name} probes need the runner's calibration statistics")
     k = max(len(s.args) for s in slots)
     slots = slots + [slots[-1]] * (self.num_devices - len(slots))
     layers = np.asarray([s.component.layer for s in slots], np.int32)
@@ -290,8 +390,32 @@ class ProbeRunner:
                       np.float32)
     dev = NamedSharding(self.mesh, PS("probe"))
     put = lambda x: jax.device_put(x, dev)
+    kernels = None
+    if family.precomputed:
+      kernels = put(self._precompute(family, slots, k))
     return self._fn(kinds, family)(self.params, self.h_in, put(layers), put(kind_ids),
-                                   put(args), self.targets, self.base)
+                                   put(args), self.targets, self.base,
+                                   self.sq_norms if family.name == "wanda" else None, kernels)
+
+  def _precompute(self, family: MethodFamily, slots: list[Slot], k: int) -> jax.Array:
+    """[num_devices, k, in, out] compressed kernels of the (padded) slots: each probe's
+    `compress.compress_calibrated` with its component's statistics (DtmError naming the
+    component if a Hessian cannot be factored)."""
+    done: dict[tuple[Component, float], np.ndarray] = {}
+    rows = []
+    for slot in slots:
+      comp = slot.component
+      kernel_LIO = get_path(self.params, kernel_path(comp.kind))
+      row = []
+      for arg in list(slot.args) + [slot.args[-1]] * (k - len(slot.args)):
+        if (comp, arg) not in done:
+          new, _ = compress.compress_calibrated(
+              compress._layer_kernel(kernel_LIO, comp.layer), family_method(family, arg),
+              self.statistics[comp], comp, kernel=True)
+          done[(comp, arg)] = new
+        row.append(done[(comp, arg)])
+      rows.append(jnp.stack(row))
+    return jnp.stack(rows)
 
   def stream(self, calls, kinds: tuple[str, ...] | None = None, gather=jax.device_get):
     """Run calls [(family, [Slot])] with one call in flight and yield, per call, (slots,
@@ -330,6 +454,20 @@ class ProbeRunner:
           for name, v in res.items():
             out.setdefault(name, [None] * len(args))[key] = v[j]
     return {name: np.stack(v) for name, v in out.items()}
+
+
+def _sq_norm_tables(params, statistics, kinds: tuple[str, ...]) -> dict[str, np.ndarray]:
+  """{kind: f32 [L, in]}: Wanda's sq_norms of each layer's `kind` input (zeros where the
+  statistics hold no entry)."""
+  tables = {}
+  for kind in kinds:
+    shape = get_path(params, kernel_path(kind)).shape  # [L, in, out]
+    table = np.zeros(shape[:2], np.float32)
+    for comp, st in statistics.items():
+      if comp.kind == kind:
+        table[comp.layer] = np.asarray(st.sq_norms, np.float32)
+    tables[kind] = table
+  return tables
 
 
 def probe_mesh(devices=None) -> Mesh:

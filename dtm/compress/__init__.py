@@ -18,10 +18,11 @@ Spec grammar (one string, usable as an ml_collections field or on the command li
             wanda(rate) | wanda(n, m)        Wanda (|w| * ||x_j||), per output row / N:M
             sparsegpt(rate) | sparsegpt(n, m), percdamp=0.01, blocksize=128
                                              SparseGPT (OBS updates, blocks of columns)
-            (wanda and sparsegpt need calibration statistics: `apply_spec(...,
-            calibration=...)` or `calibration.calibrate_and_compress`; one positional
-            argument is the rate, two are n, m: wanda(0.5) == wanda(rate=0.5),
-            wanda(2,4) == wanda(n=2,m=4); n is the number KEPT of every m, as in nm)
+            gptq(bits, group_size, act_order=False, sym=False, damp=0.01,
+                 block_size=128, static_groups=act_order)
+                                             GPTQ (dtm.compress.gptq): 2 <= bits <= 8; min-max
+                                             grid per output row, or per group_size inputs
+            rtn(bits, group_size, sym=False)   round-to-nearest on GPTQ's grid (no statistics)
             w8a8()                           int8 per-token dynamic activations x int8 per-channel
                                              weights, int32 accumulation (dtm.compress.int8)
             llm_int8(threshold=6.0)          LLM.int8: input columns with |x| >= threshold in
@@ -29,6 +30,10 @@ Spec grammar (one string, usable as an ml_collections field or on the command li
             (w8a8 and llm_int8 quantize activations, at run time: apply_spec leaves the
             kernel float and adds mode leaves that the model's matmul reads,
             dtm.compress.act_quant)
+            (wanda, sparsegpt and gptq need calibration statistics: `apply_spec(...,
+            calibration=...)` or `calibration.calibrate_and_compress`; one positional
+            argument is the rate, two are n, m: wanda(0.5) == wanda(rate=0.5),
+            wanda(2,4) == wanda(n=2,m=4); n is the number KEPT of every m, as in nm)
 
   e.g. "down@*:magnitude(0.5); q@3:absmax(bits=8,granularity=channel); gate,up@0-3,7:nm(2,4)"
 
@@ -101,6 +106,17 @@ def _to_float(value: Any) -> float:
   return float(value)
 
 
+def _to_bool(value: Any) -> bool:
+  if isinstance(value, bool):
+    return value
+  text = str(value).strip().strip("'\"").lower()
+  if text in ("true", "1", "yes"):
+    return True
+  if text in ("false", "0", "no"):
+    return False
+  raise ValueError(value)
+
+
 def _to_str(value: Any) -> str:
   if not isinstance(value, str):
     raise ValueError(value)
@@ -119,6 +135,13 @@ _SIGNATURES: dict[str, tuple[_Param, ...]] = {
     "sparsegpt": (_Param("rate", _to_float, False), _Param("n", _to_int, False),
                   _Param("m", _to_int, False), _Param("percdamp", _to_float, False, 0.01),
                   _Param("blocksize", _to_int, False, 128)),
+    # the arguments of dtm.compress.gptq.gptq / rtn (static_groups None = act_order)
+    "gptq": (_Param("bits", _to_int), _Param("group_size", _to_int, False, None),
+             _Param("act_order", _to_bool, False, False), _Param("sym", _to_bool, False, False),
+             _Param("damp", _to_float, False, 0.01), _Param("block_size", _to_int, False, 128),
+             _Param("static_groups", _to_bool, False, None)),
+    "rtn": (_Param("bits", _to_int), _Param("group_size", _to_int, False, None),
+            _Param("sym", _to_bool, False, False)),
     # activation-aware linears (dtm.compress.act_quant, dtm.compress.int8)
     "w8a8": (),
     "llm_int8": (_Param("threshold", _to_float, False, 6.0),),
@@ -130,8 +153,8 @@ METHOD_NAMES: tuple[str, ...] = tuple(_SIGNATURES)
 _RATE_OR_NM: tuple[str, ...] = ("wanda", "sparsegpt")
 # Methods that need calibration statistics (`apply_spec(..., calibration=...)`), and
 # those of them that need the input Hessian (not just its diagonal).
-CALIBRATED_METHODS: frozenset[str] = frozenset({"wanda", "sparsegpt"})
-HESSIAN_METHODS: frozenset[str] = frozenset({"sparsegpt"})
+CALIBRATED_METHODS: frozenset[str] = frozenset({"wanda", "sparsegpt", "gptq"})
+HESSIAN_METHODS: frozenset[str] = frozenset({"sparsegpt", "gptq"})
 
 
 def _signature_text(name: str) -> str:
@@ -174,10 +197,27 @@ def _check_values(name: str, a: dict[str, Any]) -> None:
       raise DtmError(f"absmax group_size must be >= 1, got {g}")
   if name in _RATE_OR_NM:
     _check_rate_or_nm(name, a)
+  if name in ("gptq", "rtn"):
+    _check_gptq_rtn(name, a)
   if name == "llm_int8" and not (math.isfinite(a["threshold"]) and a["threshold"] > 0):
     raise DtmError(f"llm_int8 outlier threshold must be a finite number > 0 (|x| >= threshold "
                    f"marks an outlier feature; the paper uses 6.0), got {a['threshold']}; for "
                    f"no decomposition use w8a8")
+
+
+def _check_gptq_rtn(name: str, a: dict[str, Any]) -> None:
+  from dtm.compress import gptq as gptq_lib  # lazy: that module is imported by users of this one
+  lo, hi = gptq_lib.MIN_BITS, gptq_lib.MAX_BITS
+  if not lo <= a["bits"] <= hi:
+    raise DtmError(f"{name} bits must be in {lo}..{hi}, got {a['bits']}")
+  if a["group_size"] is not None and a["group_size"] < 1:
+    raise DtmError(f"{name} group_size must be >= 1 (omit it for one grid per output row), "
+                   f"got {a['group_size']}")
+  if "damp" in a and not (math.isfinite(a["damp"]) and a["damp"] >= 0):
+    raise DtmError(f"gptq damp (dampening, a fraction of the mean Hessian diagonal) must be "
+                   f">= 0, got {a['damp']}")
+  if "block_size" in a and a["block_size"] < 1:
+    raise DtmError(f"gptq block_size must be >= 1, got {a['block_size']}")
 
 
 def _check_rate_or_nm(name: str, a: dict[str, Any]) -> None:
@@ -223,6 +263,8 @@ def _normalize_args(name: str, args: Any) -> tuple[tuple[str, Any], ...]:
     except (TypeError, ValueError):
       raise DtmError(f"{name}: bad value {given[p.name]!r} for argument {p.name!r}") from None
   _check_values(name, out)
+  if name == "gptq" and out["static_groups"] is None:  # gptq.gptq's default, made explicit
+    out["static_groups"] = out["act_order"]
   return tuple((k, v) for k, v in out.items() if v is not None)
 
 
@@ -457,6 +499,9 @@ def _check_shape(comp: Component, method: Method, out_in: tuple[int, int]) -> No
   if method.name == "absmax" and a["granularity"] == "group" and in_dim % a["group_size"]:
     raise DtmError(f"absmax group_size {a['group_size']} does not divide the input dimension of "
                    f"{comp.name} (HF weight [out={out_dim}, in={in_dim}])")
+  if method.name in ("gptq", "rtn") and a.get("group_size") and in_dim % a["group_size"]:
+    raise DtmError(f"{method.name} group_size {a['group_size']} does not divide the input "
+                   f"dimension of {comp.name} (HF weight [out={out_dim}, in={in_dim}])")
   if method.name in ("nm",) + _RATE_OR_NM and a.get("m") and in_dim % a["m"]:
     raise DtmError(f"{method.name}(n={a['n']}, m={a['m']}): m={a['m']} does not divide the input "
                    f"dimension of {comp.name} (HF weight [out={out_dim}, in={in_dim}])")
@@ -654,12 +699,27 @@ def identity(w_OI: jax.Array):
   return w_OI, _stats(w_OI, _dtype_bits(w_OI.dtype))
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym"))
+def rtn(w_OI: jax.Array, bits: int, group_size: int | None = None, sym: bool = False):
+  """Round-to-nearest on GPTQ's min-max grid (`dtm.compress.gptq.rtn`: per output row, or
+  per group of group_size consecutive inputs; asymmetric unless sym) -> (w', stats)."""
+  from dtm.compress import gptq as gptq_lib  # lazy, as the other method modules
+  w = gptq_lib.rtn(w_OI, bits, group_size, sym).w
+  return w, _stats(w, bits)
+
+
 def compress(w_OI: jax.Array, method: Method):
-  """Apply `method` to one HF-layout weight [out, in] -> (w', stats). Traceable."""
+  """Apply `method` to one HF-layout weight [out, in] -> (w', stats). Traceable.
+  Methods of CALIBRATED_METHODS need statistics: `compress_calibrated` (DtmError here)."""
   if method.name in ("w8a8", "llm_int8"):
     raise DtmError(f"{method.to_string()} quantizes activations at run time and has no weight-only "
                    f"form; apply it with apply_spec (mode leaves read by the model's matmul)")
-  fn = {"identity": identity, "magnitude": magnitude, "nm": nm, "absmax": absmax}[method.name]
+  if method.name in CALIBRATED_METHODS:
+    raise DtmError(f"{method.to_string()} needs calibration statistics of the weight's input, "
+                   f"which this path does not have (use apply_spec(..., calibration=...) or a "
+                   f"job with a calibration block)")
+  fn = {"identity": identity, "magnitude": magnitude, "nm": nm, "absmax": absmax,
+        "rtn": rtn}[method.name]
   return fn(w_OI, **method.kwargs)
 
 
@@ -669,14 +729,16 @@ def compress_calibrated(w_OI: jax.Array, method: Method, stats, component: Compo
 
   `stats` holds the statistics of the weight's input over the calibration tokens
   (`calibration.InputStats` or anything with the same attributes): `sq_norms` f32 [in]
-  (Wanda) and `hessian` f32 [in, in] (SparseGPT). The stats dict is `compress`'s plus,
-  for sparsegpt, 'damp' (f32 [], the relative dampening used). kernel=True: `w_OI` is
+  (Wanda) and `hessian` f32 [in, in] (SparseGPT, GPTQ). The stats dict is `compress`'s
+  (for gptq 'bits' = bits) plus, for sparsegpt and gptq, 'damp' (f32 [], the relative
+  dampening used). kernel=True: `w_OI` is
   a Flax kernel [in, out] instead, and so is w'.
-  Not traceable: a Hessian that SparseGPT cannot factorize
-  (`sparsegpt.inverse_hessian_factor`) raises DtmError naming `component` and the
-  dampenings tried.
+  Not traceable: a Hessian that SparseGPT or GPTQ cannot factorize even with their
+  increased dampening (`sparsegpt.inverse_hessian_factor`, gptq's retries up to
+  `gptq.MAX_DAMP`) raises DtmError naming `component` and the dampenings tried.
   """
-  from dtm.compress import sparsegpt as sparsegpt_lib  # lazy: those modules import this one
+  from dtm.compress import gptq as gptq_lib  # lazy: those modules import this one
+  from dtm.compress import sparsegpt as sparsegpt_lib
   what = component.name if component is not None else f"a weight of shape {tuple(w_OI.shape)}"
   in_dim = w_OI.shape[0 if kernel else 1]
   if method.name not in CALIBRATED_METHODS:
@@ -691,6 +753,12 @@ def compress_calibrated(w_OI: jax.Array, method: Method, stats, component: Compo
                        stats.hessian if needs_hessian else stats.sq_norms, method)
   w = w.T if kernel else w
   if "damp" in out and not math.isfinite(float(out["damp"])):
+    if method.name == "gptq":
+      tried = ", ".join(f"{d:g}" for d in gptq_lib._damp_schedule(method.kwargs["damp"]))
+      raise DtmError(
+          f"gptq: the input Hessian of {what} is not positive definite even after dampening "
+          f"(tried H + d * mean(diag H) * I for d = {tried}); the calibration activations may "
+          f"hold inf/NaN, or too few calibration tokens; quantize {what} with rtn instead")
     tried = ", ".join(f"{d:g}" for d in sparsegpt_lib.damp_schedule(method.kwargs["percdamp"]))
     raise DtmError(
         f"sparsegpt: the input Hessian of {what} is not positive definite even after "
@@ -707,9 +775,14 @@ def _calibrated(w_OI, stat, method: Method):
   Hessian for HESSIAN_METHODS, the squared norms otherwise."""
   from dtm.compress import sparsegpt as sparsegpt_lib  # lazy: those modules import this one
   from dtm.compress import wanda as wanda_lib
+  from dtm.compress import gptq as gptq_lib
   extra = {}
   if method.name == "wanda":
     new = wanda_lib.wanda(w_OI, stat, **method.kwargs)
+  elif method.name == "gptq":
+    res = gptq_lib.gptq(w_OI, stat, **method.kwargs)
+    new, extra["damp"] = res.w, res.damp
+    return new, {**_stats(new, method.kwargs["bits"]), **extra}
   else:
     new, extra["damp"] = sparsegpt_lib.sparsegpt(w_OI, stat, **method.kwargs)
   return new, {**_stats(new, _dtype_bits(new.dtype)), **extra}
@@ -771,10 +844,10 @@ def apply_spec(params, spec: str | Spec, *, batch_size: int | None = None,
   'sparsity': achieved fraction of exact zeros, 'bits': bits per weight}, ordered by name.
   Raises DtmError if the spec does not fit the model (see `validate`).
 
-  Methods of CALIBRATED_METHODS (wanda, sparsegpt) need `calibration`: a mapping
+  Methods of CALIBRATED_METHODS (wanda, sparsegpt, gptq) need `calibration`: a mapping
   Component -> input statistics (`calibration.collect_statistics(cfg, params, windows)`,
   every statistic from the original model); they are applied one component at a time
-  and sparsegpt's report entries also hold 'damp'. For the reference procedure, where
+  and sparsegpt's and gptq's report entries also hold 'damp'. For the reference procedure, where
   layer l's statistics come from the already compressed layers < l, use
   `calibration.calibrate_and_compress`.
 

@@ -1,5 +1,7 @@
 """Calibration statistics of the inputs of every linear component, and the layer-by-layer
-"calibrate and compress" procedure of SparseGPT / Wanda / GPTQ.
+"calibrate and compress" procedure of SparseGPT / Wanda / GPTQ (every method of
+`dtm.compress.CALIBRATED_METHODS`; the Hessian is collected when one of HESSIAN_METHODS
+needs it).
 
 The model runs one decoder layer at a time on calibration windows (int32 [n, T] token
 ids). For every layer it records, at each of the layer's four input *sites*,
@@ -48,6 +50,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dtm import compress as C
@@ -252,7 +255,7 @@ LayerFn = Callable[[int, Any, Mapping[Component, InputStats]], Any]
 def collect_statistics(cfg: ModelConfig, params, windows, *, mode: str = "parallel",
                        compress_layer: LayerFn | None = None, batch_size: int = 8,
                        hessian: bool = True, layers: set[int] | None = None,
-                       mesh: Mesh | None = None, axis: str = "data"
+                       mesh: Mesh | None = None, axis: str = "data", progress: bool = False
                        ) -> dict[Component, InputStats]:
   """Input statistics of every component -> {Component: InputStats} (layer-major; q, k, v
   share one InputStats object, as do gate and up).
@@ -264,6 +267,7 @@ def collect_statistics(cfg: ModelConfig, params, windows, *, mode: str = "parall
   returned layer. hessian=False collects only sq_norms (Wanda). `layers`: only these
   layers' statistics (the forward pass still runs every layer below the last one).
   mesh / axis: shard the window axis of the activations over mesh axis `axis`.
+  progress: a tqdm bar over the layers.
   """
   if mode not in MODES:
     raise DtmError(f"calibration mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -277,14 +281,14 @@ def collect_statistics(cfg: ModelConfig, params, windows, *, mode: str = "parall
     return compress_layer(layer, lp, stats) if mode == "sequential" else lp
 
   run_layers(cfg, params, windows, visit, batch_size=batch_size, hessian=hessian,
-             stats_layers=layers, mesh=mesh, axis=axis, output=False)
+             stats_layers=layers, mesh=mesh, axis=axis, output=False, progress=progress)
   return result
 
 
 def run_layers(cfg: ModelConfig, params, windows, visit, *, batch_size: int = 8,
                hessian: bool = True, stats_layers: set[int] | None = None,
                mesh: Mesh | None = None, axis: str = "data",
-               output: bool = True) -> jax.Array | None:
+               output: bool = True, progress: bool = False) -> jax.Array | None:
   """The layer loop shared by every calibration procedure.
 
   For each layer l: if l is in stats_layers (None: all), one pass of the original layer
@@ -293,7 +297,7 @@ def run_layers(cfg: ModelConfig, params, windows, visit, *, batch_size: int = 8,
   recomputes the output with them. Layers without statistics make one pass and are
   not visited. Stops after the last layer that is visited. Returns that layer's output
   h [n, T, D] (sharded like the windows), or None with output=False, which also skips
-  the last layer's second pass.
+  the last layer's second pass. progress: a tqdm bar over the layers run.
   """
   windows = _check_windows(cfg, windows, batch_size, mesh, axis)
   sharding = _sharding(mesh, axis)
@@ -303,7 +307,9 @@ def run_layers(cfg: ModelConfig, params, windows, visit, *, batch_size: int = 8,
   num_layers = cfg.num_layers
   last = num_layers - 1 if stats_layers is None else max(stats_layers, default=-1)
   run = functools.partial(_layer_pass, cfg, batch_size=batch_size, sharding=sharding)
-  for layer in range(last + 1):
+  bar = tqdm(range(last + 1), unit="layer", desc="calibration", disable=not progress,
+             smoothing=0.1)
+  for layer in bar:
     lp = layer_params(params, layer)
     if stats_layers is not None and layer not in stats_layers:
       h, _ = run(lp, h, stats=False, hessian=False)
@@ -321,7 +327,8 @@ def run_layers(cfg: ModelConfig, params, windows, visit, *, batch_size: int = 8,
 
 
 def calibrate_and_compress(cfg: ModelConfig, params, spec: str | C.Spec, windows, *,
-                           batch_size: int = 8, mesh: Mesh | None = None, axis: str = "data"):
+                           batch_size: int = 8, mesh: Mesh | None = None, axis: str = "data",
+                           progress: bool = False):
   """Apply `spec` layer by layer as the reference implementations do -> (new_params, report).
 
   For l = 0..L-1: the statistics of layer l's inputs are taken on the hidden states of the
@@ -359,7 +366,7 @@ def calibrate_and_compress(cfg: ModelConfig, params, spec: str | C.Spec, windows
 
   if by_layer:
     run_layers(cfg, params, windows, visit, batch_size=batch_size, hessian=hessian,
-               stats_layers=set(by_layer), mesh=mesh, axis=axis, output=False)
+               stats_layers=set(by_layer), mesh=mesh, axis=axis, output=False, progress=progress)
   new_params = params
   for kind, items in new_kernels.items():
     new_params = C.set_kernel_layers(new_params, kind, items)

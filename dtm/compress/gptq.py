@@ -92,9 +92,12 @@ class QuantResult(NamedTuple):
 def _exact_div(a: jax.Array, b) -> jax.Array:
   """a / b with IEEE division. XLA rewrites division by a constant or a broadcast as a
   multiplication by the reciprocal; a full-shape divisor behind an optimization barrier
-  keeps the division exact (as torch / numpy compute it)."""
-  b = jnp.broadcast_to(jnp.asarray(b, a.dtype), jnp.broadcast_shapes(a.shape, jnp.shape(b)))
-  return a / lax.optimization_barrier(b)
+  keeps the division exact (as torch / numpy compute it). The divisor is selected by a
+  predicate on `a`, so under vmap it is batched like `a` and no broadcast is inserted after
+  the barrier (XLA would again turn that into a reciprocal multiplication)."""
+  b = jnp.asarray(b, a.dtype)
+  b = jnp.broadcast_to(b, jnp.broadcast_shapes(a.shape, b.shape))
+  return a / lax.optimization_barrier(jnp.where(a == a, b, b))
 
 
 def minmax_grid(x: jax.Array, bits, sym, axis: int = -1):

@@ -1,4 +1,5 @@
-"""Steps shared by jobs: load the model, build prompts and PPL windows, cache references."""
+"""Steps shared by jobs: load the model, build prompts and PPL windows, cache references,
+compress (with calibration windows for the calibrated methods)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,8 @@ import os
 
 import numpy as np
 
-from dtm import data, evaluation, io_utils
+from dtm import compress, data, evaluation, io_utils
+from dtm.compress import calibration
 from dtm.errors import DtmError
 from dtm.loading import LoadedModel, load_model
 
@@ -21,11 +23,15 @@ def load(config, shardings_fn=None) -> LoadedModel:
 
 
 def resolve_bos(config, tokenizer) -> int | None:
-  if config.data.bos not in ("auto", "yes", "no"):
-    raise DtmError(f"data.bos must be 'auto', 'yes' or 'no', got {config.data.bos!r}")
-  if config.data.bos == "no":
+  return _bos_id(config.data.bos, tokenizer, "data.bos")
+
+
+def _bos_id(setting: str, tokenizer, field: str) -> int | None:
+  if setting not in ("auto", "yes", "no"):
+    raise DtmError(f"{field} must be 'auto', 'yes' or 'no', got {setting!r}")
+  if setting == "no":
     return None
-  add = config.data.bos == "yes" or bool(getattr(tokenizer, "add_bos_token", False))
+  add = setting == "yes" or bool(getattr(tokenizer, "add_bos_token", False))
   return tokenizer.bos_token_id if add else None
 
 
@@ -119,3 +125,105 @@ def references(config, model: LoadedModel, prompts: np.ndarray, workdir: str) ->
 
 def config_json(config) -> dict:
   return json.loads(config.to_json_best_effort())
+
+
+# ------------------------------------------------------------------------------ compression
+
+
+def calibrated_components(spec: compress.Spec, num_layers: int) -> dict:
+  """{Component: Method} of the spec's components whose method needs calibration."""
+  return {comp: m for comp, m in spec.resolve(num_layers).items()
+          if m.name in compress.CALIBRATED_METHODS}
+
+
+def calibration_data(config, model: LoadedModel) -> tuple[np.ndarray, dict]:
+  """Calibration windows int32 [samples, length] from config.calibration (its JSONL file,
+  or `samples` seeded windows of its corpus's token stream) and the settings that define
+  them (recorded in results: source, samples, length, seed, mode, token fingerprint).
+
+  DtmError for: samples / length / batch_size < 1, length beyond the model's context, no
+  tokenizer for a corpus, an empty corpus, fewer stream tokens than the windows need (the
+  message says how many there are), a JSONL file with too few rows or rows of another
+  length (named by file:line)."""
+  c = config.calibration
+  context = model.cfg.max_position_embeddings
+  if c.samples < 1 or c.length < 1 or c.batch_size < 1:
+    raise DtmError(f"calibration.samples, .length and .batch_size must be >= 1, got "
+                   f"{c.samples}, {c.length}, {c.batch_size}")
+  if c.length > context:
+    raise DtmError(f"calibration.length={c.length} exceeds the model's context of {context} "
+                   f"tokens; set --config.calibration.length={min(2048, context)} or less")
+  if c.mode not in calibration.MODES:
+    raise DtmError(f"calibration.mode must be one of {', '.join(calibration.MODES)}, got "
+                   f"{c.mode!r}")
+  bos_id = None
+  if c.jsonl:
+    windows = calibration.read_calibration_jsonl(c.jsonl, samples=c.samples, length=c.length)
+    source = {"source": f"jsonl:{os.path.abspath(c.jsonl)}"}
+  else:
+    if model.tokenizer is None:
+      raise DtmError("the model has no tokenizer to tokenize calibration.source; pass token-id "
+                     "windows with --config.calibration.jsonl")
+    files = [f for f in c.data_files.split(",") if f] or None
+    texts = data.load_texts(c.source, split=c.split, data_files=files, text_field=c.text_field,
+                            max_docs=c.max_docs or None)
+    bos_id = _bos_id(c.bos, model.tokenizer, "calibration.bos")
+    stream = data.tokenize_corpus(model.tokenizer, texts, add_bos=False)
+    if stream.size == 0:
+      raise DtmError(f"no calibration tokens in calibration.source={c.source!r} "
+                     f"data_files={c.data_files!r} split={c.split!r}")
+    windows = calibration.calibration_windows(stream, samples=c.samples, length=c.length,
+                                              seed=c.seed, bos_id=bos_id)
+    source = {"source": c.source, "data_files": c.data_files, "split": c.split,
+              "text_field": c.text_field, "max_docs": int(c.max_docs),
+              "stream_tokens": int(stream.size), "seed": int(c.seed), "bos_id": bos_id}
+  if windows.shape[0] % c.batch_size:
+    raise DtmError(f"calibration.batch_size={c.batch_size} must divide calibration.samples="
+                   f"{c.samples}")
+  settings = {**source, "samples": int(windows.shape[0]), "length": int(windows.shape[1]),
+              "mode": c.mode, "batch_size": int(c.batch_size),
+              "tokens": io_utils.array_fingerprint(windows)}
+  return windows, settings
+
+
+def calibration_for(config, model: LoadedModel, spec) -> tuple[np.ndarray, dict] | None:
+  """`calibration_data` if the (validated) spec has calibrated methods, else None; jobs
+  call it before their slow steps so bad calibration input fails first."""
+  num_layers, _ = compress.kernel_shapes(model.params)
+  if not calibrated_components(compress.parse_spec(spec), num_layers):
+    return None
+  return calibration_data(config, model)
+
+
+def compress_model(config, model: LoadedModel, spec,
+                   calibration_windows: tuple[np.ndarray, dict] | None = None
+                   ) -> tuple[object, dict, dict | None]:
+  """F' = the spec applied to the model's params -> (params, report, calibration settings).
+
+  Without calibrated methods (wanda, sparsegpt, gptq) this is `compress.apply_spec` and the
+  settings are None. With them, windows come from `calibration_windows` (the result of
+  `calibration_for`) or else config.calibration (`calibration_data`), and mode
+  'sequential' runs `calibration.calibrate_and_compress` (the references: layer
+  l's statistics on the outputs of the compressed layers < l), mode 'parallel' collects
+  every statistic from the original model (`collect_statistics`, only the layers that
+  need them; the Hessian only if a method needs it) and applies the spec with them."""
+  num_layers, shapes = compress.kernel_shapes(model.params)
+  spec = compress.validate(spec, num_layers, shapes)
+  calibrated = calibrated_components(spec, num_layers)
+  if not calibrated:
+    params, report = compress.apply_spec(model.params, spec)
+    return params, report, None
+  windows, settings = calibration_windows or calibration_data(config, model)
+  c = config.calibration
+  log.info("calibration: %d windows of %d tokens, %s mode", windows.shape[0], windows.shape[1],
+           c.mode)
+  if c.mode == "sequential":
+    params, report = calibration.calibrate_and_compress(model.cfg, model.params, spec, windows,
+                                                        batch_size=c.batch_size, progress=True)
+  else:
+    stats = calibration.collect_statistics(
+        model.cfg, model.params, windows, mode="parallel", batch_size=c.batch_size,
+        hessian=any(m.name in compress.HESSIAN_METHODS for m in calibrated.values()),
+        layers={comp.layer for comp in calibrated}, progress=True)
+    params, report = compress.apply_spec(model.params, spec, calibration=stats)
+  return params, report, settings

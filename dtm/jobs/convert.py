@@ -1,10 +1,11 @@
-"""Convert job: load a model from any source, optionally compress, save orbax / HF."""
+"""Convert job: load a model from any source, optionally compress (calibrated methods with
+config.calibration's windows), save orbax / HF; the compression report and calibration
+settings go to <workdir>/compression.json."""
 from __future__ import annotations
 
-import json
 import os
 
-from dtm import checkpoint, compress, convert
+from dtm import checkpoint, compress, convert, io_utils
 from dtm.errors import DtmError
 from dtm.jobs import common
 
@@ -14,9 +15,10 @@ def run(config, workdir: str) -> None:
     raise DtmError("nothing to do: set save_orbax=True and/or export_hf=True")
   spec = compress.parse_spec(config.compression)
   model = common.load(config)
-  params, report = model.params, {}
+  params, report, calibration = model.params, {}, None
   if spec.rules:
-    params, report = compress.apply_spec(params, spec)
+    params, report, calibration = common.compress_model(
+        config, model, spec, common.calibration_for(config, model, spec))
   if config.save_orbax:
     checkpoint.save_model(workdir, model.cfg, params, model.tokenizer, source=model.source)
     print(f"dtm model directory: {workdir} (use --config.model={workdir})")
@@ -26,5 +28,5 @@ def run(config, workdir: str) -> None:
                       max_shard_bytes=int(config.max_shard_mb) * 2**20)
     print(f"HF checkpoint directory: {out}")
   if report:
-    with open(os.path.join(workdir, "compression.json"), "w") as f:
-      json.dump({"spec": spec.to_string(), "components": report}, f, indent=2)
+    io_utils.atomic_write_json(os.path.join(workdir, "compression.json"), {
+        "spec": spec.to_string(), "components": report, "calibration": calibration})

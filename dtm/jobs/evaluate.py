@@ -1,6 +1,7 @@
 """Evaluate job: DTMs of one compressed model F' against its original F.
 
-Steps: load F; prompts; references y = greedy(F, p, N) (cached); F' = compress(F, spec);
+Steps: load F; prompts; references y = greedy(F, p, N) (cached); F' = compress(F, spec)
+(calibrated methods with windows from config.calibration, `common.compress_model`);
 one teacher-forced pass of F' on s = p ⊕ y -> FDT, SDT, NLL (DPPL), KL(F‖F'), top-1;
 context-aware PPL of F and F'; a table on stdout and workdir/results.json.
 """
@@ -31,6 +32,7 @@ def run(config, workdir: str) -> dict:
   cfg = model.cfg
   num_layers, shapes = compress.kernel_shapes(model.params)
   spec = compress.validate(spec, num_layers, shapes)
+  windows = common.calibration_for(config, model, spec)  # bad calibration input fails here
   ev = common.build_eval_data(config, model.tokenizer)
   y = common.references(config, model, ev.prompts, workdir)
   held = evaluation.HeldOut(
@@ -38,7 +40,7 @@ def run(config, workdir: str) -> dict:
       alphas=tuple(config.alphas), kl=config.kl,
       ppl_tokens_WT=None if ev.ppl is None else ev.ppl.tokens,
       ppl_ctx_W=None if ev.ppl is None else ev.ppl.ctx_len, ppl_batch_size=config.ppl.batch_size)
-  params_c, report = compress.apply_spec(model.params, spec)
+  params_c, report, calibration = common.compress_model(config, model, spec, windows)
   per_prompt = held.per_prompt(params_c)
   agg = metrics.aggregate(per_prompt, tuple(config.alphas))
   ppl = {}
@@ -48,7 +50,7 @@ def run(config, workdir: str) -> dict:
   results = {
       "job": "evaluate", "model": config.model, "model_source": model.source,
       "compression": spec.to_string(), "components": report,
-      "settings": ev.settings, "aggregate": agg, "ppl": ppl,
+      "settings": ev.settings, "calibration": calibration, "aggregate": agg, "ppl": ppl,
       "per_prompt": {"fdt": per_prompt["fdt"].tolist(), "sdt": per_prompt["sdt"].tolist(),
                      "nll": np.round(per_prompt["nll"], 6).tolist()},
       "config": common.config_json(config), "seconds": round(time.time() - t0, 2),

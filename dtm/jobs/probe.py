@@ -4,6 +4,10 @@ Writes to the workdir: sweep.json (the settings that define the results), probes
 (one record per probe with all per-prompt values, appended per chunk), summary.csv,
 summary.txt, heatmap.png (FDT_α per component and level) and candidates.json.
 Killed at any moment and restarted with the same command, it skips finished probes.
+
+Calibrated methods (wanda, sparsegpt, gptq) use statistics of the ORIGINAL model on
+config.calibration's windows (parallel mode), collected once per run for the probed
+layers; the windows' settings and token fingerprint are part of sweep.json.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from tqdm.auto import tqdm
 
 from dtm import compress, io_utils, metrics, probe, report
 from dtm.components import Component, get_path, kernel_path
+from dtm.compress import calibration
 from dtm.errors import DtmError
 from dtm.jobs import common
 from dtm.sweep_store import ProbeStore
@@ -42,8 +47,11 @@ def plan(config, num_layers: int, shapes: dict) -> list[Probe]:
   if not p.levels:
     raise DtmError("probe.levels is empty: give at least one level")
   probes = []
+  keys = {item.partition("=")[0].strip() for item in p.method_args.split(",") if item.strip()}
+  # wanda / sparsegpt take one level as the rate, or as n with m in method_args
+  level_key = "n=" if p.method in ("wanda", "sparsegpt") and "m" in keys else ""
   for level in p.levels:
-    args = ", ".join(filter(None, [f"{level:g}", p.method_args]))
+    args = ", ".join(filter(None, [f"{level_key}{level:g}", p.method_args]))
     text = f"{p.kinds}@{p.layers}:{p.method}({args})"
     spec = compress.validate(text, num_layers, shapes)
     if not spec.rules:
@@ -53,9 +61,15 @@ def plan(config, num_layers: int, shapes: dict) -> list[Probe]:
   return sorted(probes, key=lambda q: (q.component, q.level))
 
 
-def identity(config, model_source: str, prompts: np.ndarray, cfg) -> dict:
-  """The settings that define the results (execution knobs such as chunk size excluded)."""
-  return {
+PROBE_METHODS: tuple[str, ...] = ("magnitude", "absmax", "nm", "rtn", "wanda", "sparsegpt",
+                                  "gptq")
+
+
+def identity(config, model_source: str, prompts: np.ndarray, cfg,
+             calibration: dict | None = None) -> dict:
+  """The settings that define the results (execution knobs such as chunk size excluded);
+  `calibration`: the calibration settings of a calibrated method (absent otherwise)."""
+  ident = {
       "model": config.model, "model_source": model_source, "param_dtype": config.param_dtype,
       "dtype": config.dtype, "prompts": io_utils.array_fingerprint(prompts),
       "new_tokens": int(config.prompts.new_tokens), "method": config.probe.method,
@@ -63,6 +77,9 @@ def identity(config, model_source: str, prompts: np.ndarray, cfg) -> dict:
       "layers": config.probe.layers, "levels": [float(x) for x in config.probe.levels],
       "kl": bool(config.kl), "num_layers": cfg.num_layers,
   }
+  if calibration is not None:
+    ident["calibration"] = {k: v for k, v in calibration.items() if k != "batch_size"}
+  return ident
 
 
 def auto_chunk(cfg, p: int, s: int, levels: int) -> int:
@@ -105,15 +122,22 @@ def _gather(out):
 def run(config, workdir: str) -> dict:
   is_writer = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if config.probe.method not in ("magnitude", "absmax", "nm"):
-    raise DtmError(f"probe.method must be magnitude, absmax or nm, got {config.probe.method!r}")
+  if config.probe.method not in PROBE_METHODS:
+    raise DtmError(f"probe.method must be one of {', '.join(PROBE_METHODS)}, got "
+                   f"{config.probe.method!r}")
+  calibrated = config.probe.method in compress.CALIBRATED_METHODS
+  if calibrated and config.calibration.mode != "parallel":
+    raise DtmError(f"probing {config.probe.method} uses statistics of the original model: "
+                   f"set calibration.mode=parallel (got {config.calibration.mode!r})")
   model = common.load(config)
   cfg = model.cfg
   num_layers, shapes = compress.kernel_shapes(model.params)
   probes = plan(config, num_layers, shapes)
   ev = common.build_eval_data(config, model.tokenizer, need_ppl=False)
   c, n = ev.prompts.shape[1], int(config.prompts.new_tokens)
-  store = ProbeStore.open(workdir, identity(config, model.source, ev.prompts, cfg), is_writer)
+  windows, cal_settings = common.calibration_data(config, model) if calibrated else (None, None)
+  store = ProbeStore.open(workdir, identity(config, model.source, ev.prompts, cfg, cal_settings),
+                          is_writer)
   todo = [q for q in probes if q.id not in store.records]
   print(f"probe sweep: {len(probes)} probes ({len(probes) - len(todo)} done), "
         f"{len({q.component for q in probes})} components x {len(config.probe.levels)} levels, "
@@ -122,22 +146,33 @@ def run(config, workdir: str) -> dict:
     y = common.references(config, model, ev.prompts, workdir)
     seq = np.concatenate([ev.prompts, y], axis=1)
     kinds = tuple(sorted({q.component.kind for q in todo}))
+    statistics = None
+    if calibrated:
+      statistics = calibration.collect_statistics(
+          cfg, model.params, windows, mode="parallel", batch_size=config.calibration.batch_size,
+          hessian=config.probe.method in compress.HESSIAN_METHODS,
+          layers={q.component.layer for q in todo}, progress=True)
     runner = probe.ProbeRunner(cfg, model.params, seq, c, probe.probe_mesh(), kl=config.kl,
-                               kinds=kinds)
+                               kinds=kinds, statistics=statistics)
     per_device = config.probe.chunk_size or auto_chunk(cfg, seq.shape[0], seq.shape[1] - 1,
                                                        len(config.probe.levels))
     _run_chunks(runner, todo, per_device, store, tuple(config.alphas), model.params, is_writer)
   return _finish(config, workdir, store, probes, n, is_writer)
 
 
-def _calls(todo: list[Probe], per_device: int, num_devices: int, numel_of):
-  """(family, [probe.Slot]) per call; slot keys are the Probes."""
-  groups: dict[probe.MethodFamily, dict[Component, list]] = {}
+def _calls(todo: list[Probe], per_device: int, num_devices: int, numel_of, in_dim_of=None):
+  """(family, [probe.Slot]) per call; slot keys are the Probes. Precomputed families
+  (sparsegpt, gptq) get calls of one kind each."""
+  groups: dict[tuple, dict[Component, list]] = {}
   for q in todo:
-    family = probe.split_method(q.method)[0]
-    arg = probe.dynamic_arg(family, q.level, numel_of(q.component.kind))
-    groups.setdefault(family, {}).setdefault(q.component, []).append((q, arg))
-  for family, work in groups.items():
+    family, level = probe.split_method(q.method)
+    if family.name in ("magnitude", "absmax", "nm"):
+      level = q.level  # (the level as configured; the method's is its %g text)
+    in_dim = in_dim_of(q.component.kind) if in_dim_of is not None else None
+    arg = probe.dynamic_arg(family, level, numel_of(q.component.kind), in_dim)
+    key = (family, q.component.kind if family.precomputed else None)
+    groups.setdefault(key, {}).setdefault(q.component, []).append((q, arg))
+  for (family, _), work in groups.items():
     for slots in probe.schedule(work, num_devices, per_device):
       yield family, slots
 
@@ -150,7 +185,10 @@ def _run_chunks(runner, todo, per_device, store, alphas, params, is_writer):
     shape = get_path(params, kernel_path(kind)).shape
     return int(shape[1] * shape[2])
 
-  calls = _calls(todo, per_device, runner.num_devices, numel_of)
+  def in_dim_of(kind):
+    return int(get_path(params, kernel_path(kind)).shape[1])
+
+  calls = _calls(todo, per_device, runner.num_devices, numel_of, in_dim_of)
   for slots, outs in runner.stream(calls, gather=_gather):  # the next call is running
     recs = []
     for slot, out in zip(slots, outs):
@@ -171,7 +209,9 @@ def _finish(config, workdir, store, probes, n, is_writer) -> dict:
   if f"fdt_alpha_{alpha:g}" not in rows[0]:
     raise DtmError(f"probe.candidate_alpha={alpha} must be one of config.alphas={config.alphas}")
   min_fdt = config.probe.candidate_min_fdt or n / 2
-  descending = config.probe.method == "absmax"  # fewer bits = more aggressive
+  # fewer bits, or fewer kept of every m, = more aggressive
+  descending = (config.probe.method in ("absmax", "rtn", "gptq")
+                or probe.split_method(probes[0].method)[0].level_key == "n")
   cands = report.candidates(rows, alpha, min_fdt, descending)
   levels = sorted({r["level"] for r in rows})
   table = report.text_table(rows, alpha, levels)
@@ -186,7 +226,7 @@ def _finish(config, workdir, store, probes, n, is_writer) -> dict:
     report.heatmap(os.path.join(workdir, "heatmap.png"), rows, alpha, n, title)
   print(table)
   ok = sum(v is not None for v in cands.values())
-  print(f"\ncandidates (largest level with FDT_{alpha:g} >= {min_fdt:g}): {ok} of {len(cands)} "
-        f"components; see {os.path.join(workdir, 'candidates.json')}")
+  print(f"\ncandidates (most aggressive level with FDT_{alpha:g} >= {min_fdt:g}): {ok} of "
+        f"{len(cands)} components; see {os.path.join(workdir, 'candidates.json')}")
   print(f"results: {workdir}/probes.jsonl, summary.csv, heatmap.png")
   return {"rows": rows, "candidates": cands}
