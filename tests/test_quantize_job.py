@@ -148,12 +148,29 @@ def _config(tiny, **overrides):
   return config
 
 
+def test_llm_int8_search_ranks_by_evaluation(tiny, tmp_path, monkeypatch):
+  monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "1")
+  config = _config(tiny, **{"search.method": "llm_int8", "search.levels": (2.0,),
+                            "search.method_args": "", "search.rank_by": ("fdt",),
+                            "search.bounds": (8.0,), "search.kinds": "q,down",
+                            "search.layers": "0,2"})
+  assert run_job(config, str(tmp_path / "int8")) == 0
+  res = json.loads(Path(tmp_path, "int8", "results.json").read_text())
+  assert res["methods"] == ["llm_int8(threshold=2.0)"]
+  ranked = Path(tmp_path, "int8", "rank-2", "probes.jsonl").read_text().splitlines()
+  assert len(ranked) == 4
+  s = res["searches"][0]
+  assert s["aggregate"]["fdt_alpha_0.9"] >= 8.0  # bound N: only harmless components kept
+  assert all(json.loads(l)["probe"] in {"L00.q", "L00.down", "L02.q", "L02.down"} for l in ranked)
+
+
 @pytest.mark.parametrize("overrides, needle", [
     ({"search.bounds": (9.0,)}, "outside 0..8"),
     ({"search.rank_by": ("perplexity",)}, "rank_by"),
     ({"search.levels": ()}, "levels is empty"),
     ({"search.levels": (9,)}, "bits must be in"),
     ({"search.method": "magnitude"}, "quantization method"),
+    ({"search.method": "w8a8", "search.levels": (8, 4)}, "w8a8 has no level"),
     ({"search.selection_jsonl": ""}, "selection_jsonl"),
     ({"search.selection_jsonl": "HELDOUT"}, "selection prompts equal held-out"),
 ])

@@ -32,6 +32,10 @@ log = logging.getLogger("dtm")
 
 # Weight quantization methods whose levels (bits) the probe sweep runs.
 QUANT_METHODS: tuple[str, ...] = ("absmax", "rtn", "gptq")
+# Activation methods (dtm.compress.act_quant): ranked by one held-out-style DTM pass per
+# component on the selection prompts (the probe sweep's vmapped path does not run them).
+# Their level: llm_int8's outlier threshold; w8a8 has none (give one stage, e.g. (8,)).
+ACT_METHODS: tuple[str, ...] = ("w8a8", "llm_int8")
 
 
 def _check(config) -> None:
@@ -53,16 +57,19 @@ def _check(config) -> None:
                      f"{', '.join(quant_search.RANKINGS)}")
   if not s.rank_by:
     raise DtmError("search.rank_by is empty: give at least one ranking")
-  if s.method not in QUANT_METHODS:
-    raise DtmError(f"search.method {s.method!r} is not a quantization method the ranking "
-                   f"probes support; expected one of {', '.join(QUANT_METHODS)}")
+  if s.method not in QUANT_METHODS + ACT_METHODS:
+    raise DtmError(f"search.method {s.method!r} is not a quantization method the search "
+                   f"supports; expected one of {', '.join(QUANT_METHODS + ACT_METHODS)}")
+  if s.method == "w8a8" and len(s.levels) != 1:
+    raise DtmError("search.method=w8a8 has no level: give one stage, search.levels=(8,)")
   if s.patience < 0 or s.max_evals < 0:
     raise DtmError("search.patience and search.max_evals must be >= 0")
 
 
 def method_text(config, level) -> str:
   s = config.search
-  args = ", ".join(filter(None, [f"{level:g}", s.method_args]))
+  first = "" if s.method == "w8a8" else f"{level:g}"
+  args = ", ".join(filter(None, [first, s.method_args]))
   return compress.parse_method(f"{s.method}({args})").to_string()
 
 
@@ -124,6 +131,10 @@ def run(config, workdir: str) -> dict:
     if overlap:
       raise DtmError(f"{overlap} selection prompts equal held-out prompts; change "
                      f"search.selection_seed or prompts.seed")
+    if s.method in ACT_METHODS:
+      stages_rows.append(_rank_by_evaluation(pc, model, comps, method_text(config, lvl), sel,
+                                             os.path.join(workdir, f"rank-{lvl:g}")))
+      continue
     out = probe_job.run(pc, os.path.join(workdir, f"probe-{lvl:g}"))
     stages_rows.append([{"component": r["component"], "aggregate": r} for r in out["rows"]])
 
@@ -164,6 +175,29 @@ def run(config, workdir: str) -> dict:
             f"{res.aggregate[f'fdt_alpha_{alpha:g}']:.0f} ({len(res.steps)} configurations, "
             f"{time.time() - t1:.1f} s)", flush=True)
   return _finish(config, workdir, searches, methods, total, alpha, n, time.time() - t0)
+
+
+def _rank_by_evaluation(pc, model, comps, method: str, prompts, rdir: str) -> list[dict]:
+  """Single-component aggregates of `method` on the selection prompts, one DTM pass per
+  component (the evaluate job's path), each appended to rdir/probes.jsonl when done."""
+  y = common.references(pc, model, prompts, rdir)
+  held = evaluation.HeldOut(model.cfg, model.params, prompts, y,
+                            batch_size=pc.prompts.batch_size, alphas=tuple(pc.alphas), kl=True)
+  store = ProbeStore.open(rdir, {"model_source": model.source, "method": method,
+                                 "prompts": io_utils.array_fingerprint(prompts),
+                                 "new_tokens": int(pc.prompts.new_tokens)})
+  t0, done = time.time(), 0
+  for comp in comps:
+    if comp.name in store.records:
+      continue
+    params_c, _ = compress.apply_spec(model.params, f"{comp.kind}@{comp.layer}:{method}")
+    store.add([{"probe": comp.name, "component": comp.name, "aggregate": held.evaluate(params_c)}])
+    done += 1
+    left = sum(c.name not in store.records for c in comps)
+    log.info("ranking %s: %d/%d components (%.1f s each, ETA %.0f s)", method,
+             len(comps) - left, len(comps), (time.time() - t0) / done,
+             (time.time() - t0) / done * left)
+  return [store.records[c.name] for c in comps]
 
 
 def _finish(config, workdir, searches, methods, total, alpha, n, seconds) -> dict:
