@@ -6,7 +6,9 @@ x kinds q and down, magnitude 50%) for every contender, in one run:
     with one JAX CPU device per core as the probe job uses (each device runs its own
     component; `--cpu-devices=1`: one device whose matmuls use both cores);
   * torch (a): prune one component, batched `generate(do_sample=False)`, FDT by comparison;
-  * torch (b): prune one component, one batched teacher-forced forward pass.
+  * torch (b): prune one component, one batched teacher-forced forward pass, the LM head
+    only at the N positions that predict the continuation (`logits_to_keep=N`; checked
+    once per run against the full-head logits[:, c-1:]: same tokens, logits within 1e-4).
 Prints seconds per probe (median of --repeats passes over the 14 probes, for every
 contender: this shared 2-core machine's speed drifts by ~10% between minutes), ratios,
 the sweep's useful GFLOP/s (`probe.useful_flops`: layers l..L-2 at all positions, the
@@ -15,6 +17,7 @@ last layer's queries/MLP at the N positions, the LM head at the N positions) and
 `--full` also times the full 210-component sweep (one level) through the probe job.
 
   python bench/probe.py [--full] [--dtype bfloat16] [--cpu-devices N]
+  python bench/probe.py --smoke     # 2 prompts, 2 probes, 1 pass: checks the script runs
 """
 from __future__ import annotations
 
@@ -88,6 +91,15 @@ def torch_loops(m, prompts, y, probes, dtype: str, repeats: int):
     out[order[:compress.num_pruned(RATE, flat.numel())]] = 0
     return out.reshape(w.shape)
 
+  with torch.no_grad():  # logits_to_keep=N computes the head at the last N fed positions
+    full = hf(seq[:, :-1]).logits[:, C - 1:]
+    kept = hf(seq[:, :-1], logits_to_keep=N).logits
+    if kept.shape != full.shape or not torch.equal(kept.argmax(-1), full.argmax(-1)):
+      raise AssertionError(f"logits_to_keep={N} gives other tokens than the full head "
+                           f"({tuple(kept.shape)} vs {tuple(full.shape)})")
+    diff = float((kept.float() - full.float()).abs().max())
+    if diff > 1e-4 * max(1.0, float(full.float().abs().max())):
+      raise AssertionError(f"logits_to_keep={N}: logits differ from the full head by {diff}")
   t_gen, t_tf = [], []
   with torch.no_grad():
     for _ in range(repeats):
@@ -105,7 +117,7 @@ def torch_loops(m, prompts, y, probes, dtype: str, repeats: int):
         div = (out[:, C:].numpy() != y)
         fdt_gen.append(np.where(div.any(1), div.argmax(1), N))
         t = time.perf_counter()
-        logits = hf(seq[:, :-1]).logits[:, C - 1:]
+        logits = hf(seq[:, :-1], logits_to_keep=N).logits  # positions c-1 .. c+N-2
         t_tf[-1] += time.perf_counter() - t
         div = (logits.argmax(-1).numpy() != y)
         fdt_tf.append(np.where(div.any(1), div.argmax(1), N))
@@ -136,7 +148,12 @@ def main():
                   help="passes over the 14 probes per contender; the median is reported")
   ap.add_argument("--cpu-devices", type=int, default=0,
                   help="JAX CPU devices (0 = one per core, as the probe job does)")
+  ap.add_argument("--smoke", action="store_true",
+                  help="2 prompts, probes on layer 0 only, 1 pass: does the script run (no timing)")
   args = ap.parse_args()
+  global P, LAYERS
+  if args.smoke:
+    P, LAYERS, args.repeats = 2, (0,), 1
   set_cpu_devices(args.cpu_devices)
   m = load_model("smollm2-135m", param_dtype=args.dtype, dtype=args.dtype)
   prompts = common.wikitext_prompts(m.tokenizer, P, C)
@@ -155,9 +172,9 @@ def main():
                 f"{s_gen / s_dtm:.2f}", ""),
                (f"torch (b) teacher-forced loop ({args.dtype})", f"{s_tf:.3f}",
                 f"{s_tf / s_dtm:.2f}", "")]
-      agree = np.mean(fdt_gen == fdt_dtm)
+      agree, agree_tf = np.mean(fdt_gen == fdt_dtm), np.mean(fdt_tf == fdt_dtm)
     except ImportError:
-      agree = None
+      agree = agree_tf = None
   print(f"\nSmolLM2-135M, {P} WikiText prompts, c={C}, N={N}, {len(probes)} probes "
         f"(layers {LAYERS} x {KINDS}, magnitude {RATE}), {jax.device_count()} device(s), "
         f"{os.cpu_count()} CPU cores; median of {args.repeats} passes per contender")
@@ -165,7 +182,8 @@ def main():
   print(f"float32 2048^3 matmul peak: {peak:.1f} GFLOP/s; sweep useful GFLOP/s = "
         f"{flops / s_dtm / 1e9 / peak:.0%} of it; dtm compile {compile_s:.1f} s")
   if not args.no_torch and agree is not None:
-    print(f"per-prompt FDT, dtm teacher-forced vs torch free-running generate: {agree:.1%} equal")
+    print(f"per-prompt FDT, dtm teacher-forced vs torch free-running generate: {agree:.1%} equal; "
+          f"vs torch teacher-forced (logits_to_keep={N}): {agree_tf:.1%} equal")
   if args.full:
     print(f"full sweep, 210 components x 1 level, {P} prompts, job wall time "
           f"(load, references, compile, probes, outputs): {full_sweep(args.dtype):.1f} s")
