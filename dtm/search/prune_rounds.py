@@ -426,7 +426,11 @@ def _prune_and_train(ctx: Context, params, spec: str, r: int, rdir: str):
 
 
 def _restore(ctx: Context, rdir: str):
-  return checkpoint.restore_params(os.path.join(rdir, "model"), ctx.cfg)
+  """The round's params, placed like `load_model`'s (uncommitted on the default device):
+  orbax commits them to device 0, which jit calls spanning a multi-device mesh (the
+  probes) or mixing them with the original model's arrays would refuse."""
+  params = checkpoint.restore_params(os.path.join(rdir, "model"), ctx.cfg)
+  return jax.tree.map(lambda x: jax.device_put(np.asarray(x)), params)
 
 
 def _tidy(workdir: str, last_round: int) -> None:
