@@ -3,6 +3,8 @@
   python main.py --config=configs/convert.py:model=llama2-7b --workdir=models/llama2-7b
   python main.py --config=configs/convert.py --workdir=out/smollm2-pruned \
       --config.compression='down@*:magnitude(0.5)' --config.export_hf=True
+  python main.py --config=configs/convert.py --workdir=out/smollm2-w8a8 --config.save_orbax=False \
+      --config.compression='*@*:w8a8' --config.export_hf=True --config.export_format=compressed-tensors
 
 The orbax dir is then usable as --config.model=models/llama2-7b in every job.
 Args: model (see configs.common.MODELS), runlocal (small calibration for tests).
@@ -26,6 +28,10 @@ def get_config(arg=None):
   config.save_orbax = True
   # Also write <workdir>/hf: config.json + safetensors + tokenizer for transformers.
   config.export_hf = False
+  # Format of <workdir>/hf: 'safetensors' (dense weights) or 'compressed-tensors' (int8 /
+  # packed int4 weights + quantization_config, for vLLM and transformers; absmax, rtn,
+  # w8a8: dtm/export/compressed_tensors.py).
+  config.export_format = "safetensors"
   # Shard size of exported safetensors files, in MB.
   config.max_shard_mb = 5000
   if arg.runlocal:

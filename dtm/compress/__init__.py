@@ -875,9 +875,10 @@ def apply_spec(params, spec: str | Spec, *, batch_size: int | None = None,
                                      method=method, batch_size=batch_size)
     new_params = _set_path(new_params, path, kernel)
     device_stats[(kind, method, tuple(layers))] = stats
-  host_stats = jax.device_get(device_stats)  # one transfer for the whole report
+  # one transfer for the whole report (a list: pytree dict keys must sort, Methods do not)
+  host_stats = zip(device_stats, jax.device_get(list(device_stats.values())))
   report = {}
-  for (kind, method, layers), stats in host_stats.items():
+  for (kind, method, layers), stats in host_stats:
     for i, layer in enumerate(layers):
       report[Component(layer, kind).name] = {"method": method.to_string(),
                                              "sparsity": float(stats["sparsity"][i]),
