@@ -193,6 +193,18 @@ def test_job_specs_share_one_load_and_resume(tiny_dir, tmp_path, capsys):
   assert again["runs"] == first["runs"]
 
 
+def test_registered_model_name(tiny_dir):
+  """simple_evaluate(model='dtm', model_args=...) builds DtmLM from lm-eval's arg string."""
+  from lm_eval import simple_evaluate
+  tm = offline.task_manager()
+  tasks, _ = offline.task_configs(["arc_easy"], "local", tm)
+  out = simple_evaluate(model="dtm", model_args=f"model={tiny_dir},max_length=128",
+                        tasks=tasks, limit=3, batch_size=2, task_manager=tm, bootstrap_iters=0,
+                        log_samples=False, torch_random_seed=None)
+  assert out["n-samples"]["arc_easy"]["effective"] == 3
+  assert 0.0 <= out["results"]["arc_easy"]["acc,none"] <= 1.0
+
+
 SENTINEL = {"sentinel": "results of an earlier run"}
 
 

@@ -161,6 +161,10 @@ def local_task_config(name: str, task_manager, data_root: str | None = None
   return cfg, record
 
 
+def _drop_metadata_hint(record: logging.LogRecord) -> bool:
+  return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
+
+
 def task_configs(names: list[str], mode: str, task_manager, data_root: str | None = None
                  ) -> tuple[list, dict[str, dict]]:
   """The `tasks` argument of `lm_eval.simple_evaluate` and one data record per task.
@@ -175,6 +179,8 @@ def task_configs(names: list[str], mode: str, task_manager, data_root: str | Non
   local = mode == "local" or (mode == "auto" and offline_env())
   if not local:
     return list(names), {n: {"data": "hub"} for n in names}
+  # lm-eval logs a hint about --metadata for every task with a custom_dataset; not ours.
+  logging.getLogger("lm_eval.api.task").addFilter(_drop_metadata_hint)
   tasks, records = [], {}
   for name in names:
     cfg, records[name] = local_task_config(name, task_manager, data_root)
