@@ -180,3 +180,22 @@ def test_ste_gradient_flows_to_float_kernels(params, tokens):
   for kind, layer in (("down", 1), ("q", 0)):
     g = np.asarray(get_path(grads, kernel_path(kind))[layer])
     assert np.isfinite(g).all() and np.abs(g).max() > 0
+
+
+def test_sequential_calibration_feeds_the_quantized_layer_forward(params):
+  from dtm.compress import calibration
+  windows = np.random.default_rng(3).integers(0, CFG.vocab_size, (4, 16))
+  mixed, report = calibration.calibrate_and_compress(
+      CFG, params, "down@0:w8a8; up@1:wanda(0.5)", windows, batch_size=4)
+  alone, _ = calibration.calibrate_and_compress(CFG, params, "up@1:wanda(0.5)", windows,
+                                                batch_size=4)
+  assert report["L00.down"]["method"] == "w8a8" and report["L01.up"]["method"] == "wanda(rate=0.5)"
+  want, _ = compress.apply_spec(alone, "down@0:w8a8")
+  mode = (act_quant.MODE_LEAF,)
+  np.testing.assert_array_equal(get_path(mixed, kernel_path("down")[:-1] + mode),
+                                get_path(want, kernel_path("down")[:-1] + mode))
+  np.testing.assert_array_equal(get_path(mixed, kernel_path("down")),
+                                get_path(params, kernel_path("down")))
+  # layer 1's statistics come from the w8a8 layer 0: its pruning differs
+  up = kernel_path("up")
+  assert not np.array_equal(get_path(mixed, up)[1] == 0, get_path(alone, up)[1] == 0)

@@ -32,6 +32,10 @@ the float matmul would see). Their backward pass is always the float matmul's
 (straight-through estimator), so training fake-quantizes with gradients to the float
 master weights; evaluation takes no gradient and sees only the forward.
 
+Sequential calibration (`calibration.calibrate_and_compress`) gives a w8a8 / llm_int8
+layer its scalar leaves (`layer_leaves`) before running it, so the statistics of later
+layers are taken on its quantized output.
+
 The int32 mode leaves are not differentiable: training keeps them out of the
 differentiated tree (`dtm.train.masks.quantize` adds them inside the loss, as constants).
 `strip` removes them (e.g. before writing a dense checkpoint).
@@ -154,6 +158,15 @@ def attach(params, methods: Mapping[Component, "object"]):
     params = _set(params, module_path + (MODE_LEAF,), mode)
     params = _set(params, module_path + (THRESHOLD_LEAF,), thr)
   return params
+
+
+def layer_leaves(module_params: Mapping, method) -> dict:
+  """One layer's module params ({'kernel': [in, out], ...}, no L axis) with the scalar
+  mode / threshold leaves of an activation `method` (what `read` sees inside the scan)."""
+  if method.name not in ACTIVATION_METHODS:
+    raise ValueError(f"{method.name} is not an activation method")
+  return {**module_params, MODE_LEAF: jnp.int32(MODES[method.name]),
+          THRESHOLD_LEAF: jnp.float32(method.kwargs.get("threshold", 0.0))}
 
 
 def has_leaves(params) -> bool:

@@ -57,6 +57,7 @@ from dtm import compress as C
 from dtm import data
 from dtm.components import KINDS, Component, kernel_path
 from dtm.errors import DtmError
+from dtm.compress import act_quant
 from dtm.model import MLP, Attention, DecoderLayer, Linear, Llama
 from dtm.model_config import ModelConfig
 
@@ -348,6 +349,7 @@ def calibrate_and_compress(cfg: ModelConfig, params, spec: str | C.Spec, windows
   hessian = any(m.name in C.HESSIAN_METHODS for m in resolved.values())
   new_kernels: dict[str, list[tuple[int, jax.Array]]] = {}
   report: dict[str, dict] = {}
+  activation: dict[Component, C.Method] = {}
 
   def visit(layer, lp, stats):
     lp = dict(lp)
@@ -355,6 +357,10 @@ def calibrate_and_compress(cfg: ModelConfig, params, spec: str | C.Spec, windows
       comp = Component(layer, kind)
       _, module, _, leaf = kernel_path(kind)
       kernel = lp[module][kind][leaf]
+      if method.name in act_quant.ACTIVATION_METHODS:  # run-time modes: the kernel stays
+        activation[comp] = method                    # float, the layer output sees them
+        lp[module] = {**lp[module], kind: act_quant.layer_leaves(lp[module][kind], method)}
+        continue
       if method.name in C.CALIBRATED_METHODS:
         new, st = C.compress_calibrated(kernel, method, stats[comp], comp, kernel=True)
       else:
@@ -370,4 +376,8 @@ def calibrate_and_compress(cfg: ModelConfig, params, spec: str | C.Spec, windows
   new_params = params
   for kind, items in new_kernels.items():
     new_params = C.set_kernel_layers(new_params, kind, items)
+  if activation:  # w8a8 / llm_int8: the mode leaves and report entries apply_spec gives
+    new_params, act_report = C.apply_spec(new_params, C.Spec(tuple(
+        C.Rule((c.kind,), (c.layer,), m) for c, m in activation.items())))
+    report.update(act_report)
   return new_params, dict(sorted(report.items()))
