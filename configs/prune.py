@@ -47,6 +47,9 @@ def get_config(arg=None):
   # 0 = no training; the window seed is train.seed + round).
   train_fields(config)
   config.train.steps = 4
+  # A pruning increment barely moves the model (KL ~0.02 on training windows): the train
+  # job's 2e-4 raised the KL tenfold in 4 steps on SmolLM2 (measured), so 10x lower.
+  config.train.optim.lr = 2e-5
   config.train.optim.warmup_steps = 1
   config.train.checkpoint.every = 2
   config.train.eval_every = 0
