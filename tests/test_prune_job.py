@@ -264,3 +264,20 @@ def test_stop_reasons():
   assert prune_rounds.stop_reason([base, rec(1, 0.1, 6, {"L00.q": 0.5, "L00.k": 0.5})],
                                   s) == "ladder_exhausted"
   assert prune_rounds.stop_reason([rec(5, 0.1, 6, {"L00.q": 0.5})], s) == "max_rounds"
+
+
+def test_no_training_rounds_apply_the_spec_exactly(tiny_dir, tmp_path):
+  """train.steps = 0: a round's model is the spec applied to the current params (saved
+  and restored from the round's model directory)."""
+  import ml_collections
+  model = load_model(tiny_dir)
+  ctx = prune_rounds.Context(cfg=model.cfg, params=model.params, select_seq=None, c=0,
+                             heldout=None, tc=ml_collections.ConfigDict({"steps": 0, "seed": 0}),
+                             tokens=np.zeros((0,), np.int32))
+  start, _ = compress.apply_spec(model.params, "q@0:magnitude(0.5)")
+  spec = "q@0:magnitude(rate=0.75); down@1:magnitude(rate=0.5)"
+  out = prune_rounds._prune_and_train(ctx, start, spec, 1, str(tmp_path / "r001"))
+  expected, _ = compress.apply_spec(start, spec)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert os.path.isfile(tmp_path / "r001" / "model" / "dtm_model.json")
