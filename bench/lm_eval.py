@@ -90,7 +90,8 @@ def main() -> None:
   task = args.task
   res = {k: v["results"][task] for k, v in out.items()}
   samples = {k: v["samples"][task] for k, v in out.items()}
-  scores = {k: np.array([[r[0] for r in s["filtered_resps"]] for s in v]) for k, v in samples.items()}
+  scores = {k: np.array([r[0] for s in v for r in s["filtered_resps"]])  # tasks vary in #choices
+            for k, v in samples.items()}
   diff = np.abs(scores["dtm"] - scores["hf"])
   rel = diff / np.maximum(np.abs(scores["hf"]), 1e-9)
   metric_names = [m for m in ("acc", "acc_norm") if f"{m},none" in res["dtm"]]

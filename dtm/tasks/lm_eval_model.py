@@ -130,6 +130,7 @@ class DtmLM(TemplateLM):
     if ignored:
       raise DtmError(f"dtm lm-eval model: unknown arguments {sorted(ignored)}")
     batch_size = _positive_int(batch_size, "batch_size")
+    compression = compress.parse_spec(compression).to_string()  # syntax, before the load
     if loaded is None:
       loaded = load_model(model, param_dtype=param_dtype, dtype=dtype)
     if loaded.tokenizer is None:
@@ -137,7 +138,7 @@ class DtmLM(TemplateLM):
     self.loaded = loaded
     self.cfg = loaded.cfg.replace(remat=False)
     self.tokenizer = loaded.tokenizer
-    self.compression = compress.parse_spec(compression).to_string()
+    self.compression = compression
     self.report: dict = {}
     if params is None:
       params, self.report = compress.apply_spec(loaded.params, self.compression)
