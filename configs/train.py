@@ -104,6 +104,13 @@ def get_config(arg=None):
   config.data.data_files = f"{SHARED_DATA}/wikitext-2/wiki.valid.tokens"
   config.data.split = "train"
   train_fields(config)
+  # Calibration windows for wanda / sparsegpt specs (the start model is compressed once
+  # with them; gptq cannot be fake-quantized: train rtn, then apply gptq).
+  common.calibration_fields(config)
+  config.calibration.source = "text"
+  config.calibration.data_files = f"{SHARED_DATA}/wikitext-2/wiki.valid.tokens"
+  config.calibration.samples = 32
+  config.calibration.length = 512
   # Held-out evaluation: prompts, references and PPL windows from other text.
   ev = config.eval = ml_collections.ConfigDict()
   common.data_fields(ev)
@@ -143,6 +150,11 @@ def get_config(arg=None):
     config.train.mesh.data = 1
     config.train.mesh.fsdp = -1
     config.train.peak_flops = 989e12  # H100 bf16 dense
+    config.calibration.source = "c4"
+    config.calibration.data_files = ""
+    config.calibration.max_docs = 20000
+    config.calibration.samples = 128
+    config.calibration.length = 2048
   if arg.runlocal:
     config.data.max_docs = 400
     config.train.steps = 6
@@ -161,4 +173,7 @@ def get_config(arg=None):
     ev.prompts.batch_size = 4
     ev.ppl.window = 32
     ev.ppl.max_windows = 2
+    config.calibration.samples = 4
+    config.calibration.length = 32
+    config.calibration.batch_size = 4
   return config

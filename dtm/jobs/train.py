@@ -59,8 +59,15 @@ def run(config, workdir: str) -> dict | None:
               "tokens": io_utils.array_fingerprint(tokens),
               "config": {k: v for k, v in common.config_json(config).items()
                          if k not in ("cpu_devices",)}}
-  result = trainer.train(model.cfg, model.params, spec, config.train, tokens=tokens,
-                         workdir=workdir, heldout=held, identity=identity)
+  start, calib = model.params, None
+  windows = common.calibration_for(config, model, spec)
+  if windows is not None:
+    # wanda / sparsegpt: compressed once with calibration windows; F stays the teacher
+    start, _, calib = common.compress_model(config, model, spec, windows)
+    identity["calibration"] = calib
+  result = trainer.train(model.cfg, start, spec, config.train, tokens=tokens,
+                         workdir=workdir, heldout=held, identity=identity,
+                         teacher_params=model.params)
   if result.interrupted:
     return None
   if jax.process_index() != 0:
@@ -81,7 +88,7 @@ def run(config, workdir: str) -> dict | None:
       "compression": compress.parse_spec(spec).to_string(), "steps": result.step,
       "params_fingerprint": io_utils.params_fingerprint(result.params),
       "heldout_before": before, "heldout_after": after, "last_train": result.last.get("train"),
-      "eval_settings": eval_settings, "train_tokens": int(tokens.size),
+      "eval_settings": eval_settings, "train_tokens": int(tokens.size), "calibration": calib,
       "config": common.config_json(config),
   }
   io_utils.atomic_write_json(os.path.join(workdir, "results.json"), results)

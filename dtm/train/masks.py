@@ -99,13 +99,56 @@ def apply_masks(tree, masks: dict[str, jax.Array]):
 
 def prune(plan: CompressionPlan, params):
   """Apply the pruning part of the plan to (current) params -> (params, masks): the spec's
-  own methods re-derive the masks from the current weights (AC/DC phase starts)."""
+  own methods re-derive the masks from the current weights (AC/DC phase starts).
+
+  Calibrated methods (wanda, sparsegpt) need statistics of the model's inputs, which a
+  train step does not have: their components must arrive already compressed (the jobs
+  apply the spec with `jobs.common.compress_model`), and their masks are the zeros of
+  those weights (`check_precompressed` verifies it)."""
   for kind, method, layers in plan.pruned:
+    if method.name in compress.CALIBRATED_METHODS:
+      continue
     path = kernel_path(kind)
     kernel, _ = _compress_layers(get_path(params, path), jnp.asarray(layers, jnp.int32),
                                  method=method, batch_size=None)
     params = _set_path(params, path, kernel)
   return params, derive_masks(plan, params)
+
+
+def calibrated(plan: CompressionPlan) -> dict[str, tuple[str, ...]]:
+  """{'pruned': methods, 'quantized': methods} of the plan that need calibration."""
+  return {role: tuple(sorted({m.to_string() for _, m, _ in groups
+                              if m.name in compress.CALIBRATED_METHODS}))
+          for role, groups in (("pruned", plan.pruned), ("quantized", plan.quantized))}
+
+
+def expected_sparsity(method: compress.Method) -> float:
+  """Least fraction of zeros a pruning method leaves in a weight: rate, or 1 - n/m
+  (rates round down per row or matrix, so the check allows one weight per row less)."""
+  a = method.kwargs
+  return 1.0 - a["n"] / a["m"] if "m" in a else a["rate"]
+
+
+def check_precompressed(plan: CompressionPlan, params) -> None:
+  """DtmError unless every calibrated pruned component of `params` already holds the
+  zeros its method makes (at least its rate, less one weight per row of rounding)."""
+  from dtm.errors import DtmError
+  for kind, method, layers in plan.pruned:
+    if method.name not in compress.CALIBRATED_METHODS:
+      continue
+    kernel = get_path(params, kernel_path(kind))
+    in_dim = kernel.shape[1]
+    need = expected_sparsity(method) - 1.0 / in_dim
+    zeros = jax.device_get(jnp.mean(kernel[jnp.asarray(layers)] == 0, axis=(1, 2)))
+    for layer, z in zip(layers, zeros):
+      if z < need:
+        raise DtmError(
+            f"{method.to_string()} on L{layer:02d}.{kind}: the weights given to the trainer "
+            f"have {z:.1%} zeros, expected >= {expected_sparsity(method):.1%}; calibrated "
+            f"methods need input statistics a train step does not have, so pass params "
+            f"already compressed with them (dtm.jobs.common.compress_model or "
+            f"dtm.compress.calibration.calibrate_and_compress) and the original model as "
+            f"teacher_params")
 
 
 def quantize(plan: CompressionPlan, params, *, ste: bool):

@@ -73,6 +73,24 @@ def acdc_of(tc) -> masks_lib.AcdcSchedule:
                                 final_compressed=int(a.final_compressed))
 
 
+def _check_calibrated(plan, params, acdc) -> None:
+  """Calibrated methods in training: pruned ones (wanda, sparsegpt) must come compressed
+  and cannot re-derive masks (AC/DC); quantized ones (gptq) cannot be fake-quantized."""
+  cal = masks_lib.calibrated(plan)
+  if cal["quantized"]:
+    raise DtmError(
+        f"{cal['quantized'][0]} cannot be trained with fake quantization: its codes come "
+        f"from calibration statistics and weight updates a train step cannot redo; train "
+        f"with rtn(...) of the same bits and group_size (the same grid, straight-through), "
+        f"then apply gptq to the trained model")
+  if cal["pruned"] and (acdc.alternating or acdc.dense_warmup):
+    raise DtmError(
+        f"train.acdc with {cal['pruned'][0]}: AC/DC re-derives the masks from the current "
+        f"weights by the spec's method, which for wanda / sparsegpt needs calibration "
+        f"statistics of the current model; use magnitude or nm for AC/DC, or no AC/DC")
+  masks_lib.check_precompressed(plan, params)
+
+
 def validate(tc, mesh, num_tokens: int) -> None:
   """One DtmError per bad training setting, before anything is compiled or written."""
   if tc.steps < 1:
@@ -190,8 +208,9 @@ def train(cfg: ModelConfig, params, spec, tc, *, tokens: np.ndarray, workdir: st
   if plan.components == 0:
     raise DtmError(f"compression spec {plan.spec.to_string()!r} selects no component: nothing "
                    "to recover; give a spec such as 'mlp@*:magnitude(0.5)'")
-  check_identity(workdir, {**(identity or {}), "spec": plan.spec.to_string()})
   obj, oc, acdc = objective_of(tc), optim_of(tc), acdc_of(tc)
+  _check_calibrated(plan, params, acdc)
+  check_identity(workdir, {**(identity or {}), "spec": plan.spec.to_string()})
   tcfg = cfg.replace(remat=bool(tc.remat))
   teacher = (teacher_params if teacher_params is not None else params) if obj.needs_teacher else None
 
