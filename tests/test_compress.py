@@ -362,3 +362,14 @@ def test_counting_threshold_equals_sorted_rank_on_ties():
   for k in [0, 1, 2, 37, 311, 480, 900, w.size - 1, w.size]:
     got = np.asarray(C.magnitude_pruned(jnp.abs(jnp.asarray(w)), jnp.asarray(idx), k))
     np.testing.assert_array_equal(got, rank < k, err_msg=f"k={k}")
+
+
+@pytest.mark.parametrize("spec_args", ["4", "4,granularity=tensor", "3,granularity=group,group_size=16"])
+def test_absmax_in_apply_spec_equals_direct_call_bit_for_bit(spec_args):
+  """apply_spec vmaps absmax over layers; its scales must be the unbatched division's
+  (a divisor broadcast after the barrier let XLA use a reciprocal: one ulp off)."""
+  w = jax.random.normal(jax.random.PRNGKey(0), (3, 64, 48))
+  method = C.parse_method(f"absmax({spec_args})")
+  direct = jnp.stack([C.absmax(w[i].T, **method.kwargs)[0].T for i in range(3)])
+  new, _ = C.apply_spec({"layers": {"attn": {"q": {"kernel": w}}}}, f"q@*:{method.to_string()}")
+  np.testing.assert_array_equal(np.asarray(new["layers"]["attn"]["q"]["kernel"]), np.asarray(direct))
