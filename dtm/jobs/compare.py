@@ -34,7 +34,8 @@ def parse_compressions(value) -> list[str]:
   """config.compressions (tuple of specs, or one string with '|' between specs) ->
   canonical spec strings, in order, duplicates and 'none' removed (the original model is
   always evaluated first); raises DtmError on a bad spec or when none is left."""
-  items = value.split("|") if isinstance(value, str) else list(value)
+  items = [part for item in ([value] if isinstance(value, str) else list(value))
+           for part in str(item).split("|")]  # a '|' list may also arrive inside a tuple
   out: list[str] = []
   for item in items:
     text = compress.parse_spec(item).to_string()
