@@ -73,11 +73,21 @@ def get_config(arg=None):
   sampling.top_p = 0.9
   # Seed of the noise shared by F and F'.
   sampling.seed = 0
+  tasks = config.tasks = ml_collections.ConfigDict()
+  # Zero-shot tasks (lm-evaluation-harness through dtm.tasks.DtmLM), comma-separated, e.g.
+  # 'piqa,arc_easy'; '' = no task accuracy. Their mean accuracy joins the correlations.
+  tasks.names = ""
+  # Documents per task (0 = all).
+  tasks.limit = 200
+  # Requests per forward pass.
+  tasks.batch_size = 16
+  # Task data: 'auto' (local copies when HF_DATASETS_OFFLINE/HF_HUB_OFFLINE), 'local', 'hub'.
+  tasks.task_data = "auto"
   # FDT_α levels to report.
   config.alphas = (0.75, 0.9)
   # Metrics whose rank correlations (Spearman, across compressions) are reported.
   config.correlate = ("fdt_alpha_0.9", "fdt_mean", "sdt_mean", "dppl", "ppl",
-                      "sampled_fdt_mean", "sampled_sdt_mean")
+                      "sampled_fdt_mean", "sampled_sdt_mean", "task_acc_mean")
 
   config.prompts.num = 32
   config.prompts.length = 32

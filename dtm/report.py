@@ -153,7 +153,7 @@ def compare_table(rows: list[dict], domains: list[str], alphas, correlations: di
   """Text summary of the compare job: one line per (compression, domain), then the rank
   correlations per domain and across domains."""
   cols = [f"fdt_alpha_{a:g}" for a in alphas] + ["fdt_mean", "sdt_mean", "dppl", "ppl"]
-  sampled = [c for c in ("sampled_fdt_mean", "sampled_sdt_mean") if c in rows[0]]
+  sampled = [c for c in ("sampled_fdt_mean", "sampled_sdt_mean", "task_acc_mean") if c in rows[0]]
   head = ["compression", "domain"] + cols + sampled
   lines = [head]
   for r in rows:
@@ -167,6 +167,7 @@ def compare_table(rows: list[dict], domains: list[str], alphas, correlations: di
     out.append(f"\nSpearman rank correlation across compressions, domain {name}:")
     w = max(len(m) for m in ms)
     short = [m.replace("sampled_", "s.").replace("fdt_alpha_", "fdt@").replace("_mean", "")
+             .replace("task_acc", "acc")
              for m in ms]
     out.append(" " * w + "  " + "  ".join(m[:10].rjust(10) for m in short))
     for m in ms:

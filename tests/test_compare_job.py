@@ -84,6 +84,30 @@ def test_compare_job_records_resume_and_correlations(tiny_dir, tmp_path):
     compare.run(config3, workdir)
 
 
+def test_task_accuracy_joins_the_table(tiny_dir, tmp_path, monkeypatch):
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  config = make_config(tiny_dir, compressions=("mlp@*:magnitude(0.5)",), domain_names="prose",
+                       **{"sampling.enabled": False, "tasks.names": "piqa", "tasks.limit": 6,
+                          "tasks.batch_size": 4})
+  workdir = str(tmp_path / "tasks")
+  assert run_job(config, workdir) == 0
+  res = json.load(open(os.path.join(workdir, "results.json")))
+  assert [r["compression"] for r in res["rows"]] == ["none", "gate,up,down@*:magnitude(rate=0.5)"]
+  for r in res["rows"]:
+    assert 0 <= r["acc_piqa"] <= 1 and r["task_acc_mean"] == r["acc_piqa"]
+  # the accuracy is lm-eval's through the dtm adapter on the same documents
+  from lm_eval import simple_evaluate
+  from dtm.tasks import offline
+  from dtm.tasks.lm_eval_model import DtmLM
+  tm = offline.task_manager()
+  tasks, _ = offline.task_configs(["piqa"], "local", tm)
+  m = load_model(tiny_dir)
+  params = compress.apply_spec(m.params, "mlp@*:magnitude(0.5)")[0]
+  out = simple_evaluate(model=DtmLM(loaded=m, params=params, batch_size=4), tasks=tasks, limit=6,
+                        task_manager=tm, bootstrap_iters=0, log_samples=False)
+  assert res["rows"][1]["acc_piqa"] == out["results"]["piqa"]["acc,none"]
+
+
 def test_code_prompts_come_from_the_stdlib_sources():
   texts = data.load_texts("python-stdlib", max_docs=3)
   files = data.python_stdlib_files()[:3]

@@ -88,6 +88,32 @@ class Domain:
     return agg
 
 
+class _Tasks:
+  """Zero-shot accuracy of a params tree on config.tasks (lm-eval, `dtm.tasks`)."""
+
+  def __init__(self, tc, model):
+    from dtm.tasks import offline
+    self.names = [t.strip() for t in tc.names.split(",") if t.strip()]
+    if tc.batch_size < 1 or tc.limit < 0:
+      raise DtmError(f"tasks.batch_size must be >= 1 and tasks.limit >= 0, got "
+                     f"{tc.batch_size}, {tc.limit}")
+    self.manager = offline.task_manager()
+    self.tasks, self.data = offline.task_configs(self.names, tc.task_data, self.manager)
+    self.tc, self.model = tc, model
+    self.identity = {"names": self.names, "limit": int(tc.limit), "data": self.data}
+
+  def accuracy(self, params, text: str) -> dict[str, float]:
+    """{task: acc} (lm-eval's 'acc,none')."""
+    from lm_eval import simple_evaluate
+    from dtm.tasks.lm_eval_model import DtmLM
+    lm = DtmLM(loaded=self.model, params=params, compression=text,
+               batch_size=int(self.tc.batch_size))
+    out = simple_evaluate(model=lm, tasks=self.tasks, limit=int(self.tc.limit) or None,
+                          task_manager=self.manager, bootstrap_iters=0, log_samples=False,
+                          torch_random_seed=None)
+    return {t: float(out["results"][t]["acc,none"]) for t in self.names}
+
+
 def _sampled_references(model, prompts, n, s, batch_size, ddir) -> np.ndarray:
   key = io_utils.array_fingerprint(prompts, extra=f"{io_utils.params_fingerprint(model.params)}:"
                                    f"{n}:{sorted(s.describe().items())}")
@@ -133,9 +159,12 @@ def run(config, workdir: str) -> dict:
       "calibration": None if calib is None else calib[1],
       "domains": {d.name: {"prompts": d.fingerprint, "settings": d.settings} for d in domains},
   }
+  tasks = _Tasks(config.tasks, model) if config.tasks.names.strip() else None
+  if tasks is not None:  # only then: workdirs without tasks keep their identity
+    identity["tasks"] = tasks.identity
   store = ProbeStore.open(workdir, identity)
-  todo = [t for t in ["none"] + specs
-          if any(f"{t}|{d.name}" not in store.records for d in domains)]
+  keys = lambda t: [f"{t}|{d.name}" for d in domains] + ([f"{t}|tasks"] if tasks else [])
+  todo = [t for t in ["none"] + specs if any(k not in store.records for k in keys(t))]
   print(f"compare: {len(specs)} compressions x {len(domains)} domains "
         f"({', '.join(names)}), {len(todo)} to evaluate")
   for i, text in enumerate(todo):
@@ -152,6 +181,9 @@ def run(config, workdir: str) -> dict:
       agg = d.evaluate(params_c, tuple(config.alphas))
       recs.append({"probe": key, "compression": text, "domain": d.name, "aggregate": agg,
                    "linear_sparsity": _linear_sparsity(report_c, shapes)})
+    if tasks is not None and f"{text}|tasks" not in store.records:
+      recs.append({"probe": f"{text}|tasks", "compression": text,
+                   "accuracy": tasks.accuracy(params_c, text)})
     store.add(recs)
     done = i + 1
     rate = (time.time() - t0) / done
@@ -178,7 +210,11 @@ def _finish(config, workdir, store, specs, names, seconds) -> dict:
   for text in specs:
     for name in names:
       rec = store.records[f"{text}|{name}"]
-      rows.append({"compression": text, "domain": name, **rec["aggregate"]})
+      acc = store.records.get(f"{text}|tasks", {}).get("accuracy", {})
+      extra = {f"acc_{k}": v for k, v in acc.items()}
+      if acc:
+        extra["task_acc_mean"] = float(np.mean(list(acc.values())))
+      rows.append({"compression": text, "domain": name, **rec["aggregate"], **extra})
   metrics_ = [m for m in config.correlate if m in rows[0]]
   correlations = {name: report.rank_correlations(
       [r for r in rows if r["domain"] == name and r["compression"] != "none"], metrics_)
