@@ -101,6 +101,11 @@ class _Tasks:
     self.tasks, self.data = offline.task_configs(self.names, tc.task_data, self.manager)
     self.tc, self.model = tc, model
     self.identity = {"names": self.names, "limit": int(tc.limit), "data": self.data}
+    from dtm.sweep_store import identity_hash
+    self._hash = identity_hash(self.identity)
+
+  def key(self, text: str) -> str:
+    return f"{text}|tasks:{self._hash}"
 
   def accuracy(self, params, text: str) -> dict[str, float]:
     """{task: acc} (lm-eval's 'acc,none')."""
@@ -160,10 +165,9 @@ def run(config, workdir: str) -> dict:
       "domains": {d.name: {"prompts": d.fingerprint, "settings": d.settings} for d in domains},
   }
   tasks = _Tasks(config.tasks, model) if config.tasks.names.strip() else None
-  if tasks is not None:  # only then: workdirs without tasks keep their identity
-    identity["tasks"] = tasks.identity
   store = ProbeStore.open(workdir, identity)
-  keys = lambda t: [f"{t}|{d.name}" for d in domains] + ([f"{t}|tasks"] if tasks else [])
+  # task records are keyed by their settings, so tasks can be added to a finished workdir
+  keys = lambda t: [f"{t}|{d.name}" for d in domains] + ([tasks.key(t)] if tasks else [])
   todo = [t for t in ["none"] + specs if any(k not in store.records for k in keys(t))]
   print(f"compare: {len(specs)} compressions x {len(domains)} domains "
         f"({', '.join(names)}), {len(todo)} to evaluate")
@@ -181,8 +185,8 @@ def run(config, workdir: str) -> dict:
       agg = d.evaluate(params_c, tuple(config.alphas))
       recs.append({"probe": key, "compression": text, "domain": d.name, "aggregate": agg,
                    "linear_sparsity": _linear_sparsity(report_c, shapes)})
-    if tasks is not None and f"{text}|tasks" not in store.records:
-      recs.append({"probe": f"{text}|tasks", "compression": text,
+    if tasks is not None and tasks.key(text) not in store.records:
+      recs.append({"probe": tasks.key(text), "compression": text, "tasks": tasks.identity,
                    "accuracy": tasks.accuracy(params_c, text)})
     store.add(recs)
     done = i + 1
@@ -190,7 +194,7 @@ def run(config, workdir: str) -> dict:
     print(f"[{done}/{len(todo)}] {text}: {time.time() - t1:.1f} s; ETA "
           f"{rate * (len(todo) - done):.0f} s", flush=True)
     del params_c
-  return _finish(config, workdir, store, ["none"] + specs, names, time.time() - t0)
+  return _finish(config, workdir, store, ["none"] + specs, names, time.time() - t0, tasks)
 
 
 def _linear_sparsity(report_c: dict, shapes: dict) -> float:
@@ -205,12 +209,12 @@ def _linear_sparsity(report_c: dict, shapes: dict) -> float:
   return num / den
 
 
-def _finish(config, workdir, store, specs, names, seconds) -> dict:
+def _finish(config, workdir, store, specs, names, seconds, tasks=None) -> dict:
   rows = []
   for text in specs:
     for name in names:
       rec = store.records[f"{text}|{name}"]
-      acc = store.records.get(f"{text}|tasks", {}).get("accuracy", {})
+      acc = store.records[tasks.key(text)]["accuracy"] if tasks else {}
       extra = {f"acc_{k}": v for k, v in acc.items()}
       if acc:
         extra["task_acc_mean"] = float(np.mean(list(acc.values())))
