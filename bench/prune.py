@@ -1,0 +1,137 @@
+"""Calibrated pruning speed on SmolLM2-135M: dtm's `calibrate_and_compress` against the
+PyTorch transcriptions of the reference pipelines (tests/torch_reference.py: locuslab/wanda
+`prune_wanda`, IST-DASLab/sparsegpt `llama_sequential`), one run.
+
+  .venv/bin/python bench/prune.py [--samples 16] [--length 256] [--layers N]
+                                  [--methods 'wanda(0.5),wanda(2,4),sparsegpt(0.5),sparsegpt(2,4)']
+                                  [--torch-threads 2] [--no-torch]
+
+Both sides compress the first --layers decoder layers (default all) of the same model
+(float32; transformers' LlamaForCausalLM loaded from the same GGUF file) with the same
+calibration windows (`calibration.calibration_windows` of the WikiText-2 validation split,
+--samples x --length tokens, seed 0). dtm: `calibrate_and_compress` of '*@0-{L-1}:<method>'
+with batch 8, one JAX device on all cores; the wall time includes its jit compilation
+(each method compiles once per weight shape). torch: the reference layer loop, one
+sequence per layer call as the references. Prints the CPU, seconds of each, the ratio
+torch / dtm, and the mask agreement of the two results. Timings are only meaningful on an
+otherwise idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+sys.path.insert(0, os.path.join(_ROOT, "tests"))  # torch_reference: the test oracle
+from bench import common  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dtm import compress as C, data, gguf_io  # noqa: E402
+from dtm.components import kernel_path  # noqa: E402
+from dtm.compress import calibration  # noqa: E402
+from dtm.loading import load_model  # noqa: E402
+
+WIKITEXT_VALID = os.path.join(os.path.dirname(_ROOT), "shared", "data", "wikitext-2",
+                              "wiki.valid.tokens")
+
+# dtm method -> (torch_reference pipeline, its arguments; prune_n / prunen = number PRUNED)
+CASES = {
+    "wanda(0.5)": ("prune_wanda", dict(sparsity_ratio=0.5)),
+    "wanda(2,4)": ("prune_wanda", dict(prune_n=2, prune_m=4)),
+    "sparsegpt(0.5)": ("sparsegpt_sequential", dict(sparsity=0.5)),
+    "sparsegpt(2,4)": ("sparsegpt_sequential", dict(prunen=2, prunem=4)),
+}
+
+
+def cpu_model() -> str:
+  with open("/proc/cpuinfo") as f:
+    for line in f:
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  return "unknown"
+
+
+def split_methods(text: str) -> list[str]:
+  """'wanda(0.5),gptq(4,group_size=64)' -> methods, splitting on commas outside parens."""
+  out, depth, cur = [], 0, ""
+  for ch in text:
+    depth += (ch == "(") - (ch == ")")
+    if ch == "," and depth == 0:
+      out.append(cur.strip())
+      cur = ""
+    else:
+      cur += ch
+  return [m for m in out + [cur.strip()] if m]
+
+
+def compare(cases: dict, description: str, default_methods: str, argv=None,
+            equal=lambda a, b: (a == 0) == (b == 0), agree_name: str = "masks agree") -> None:
+  """Parse the flags of the module docstring, time dtm and torch per method, print a table."""
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--samples", type=int, default=16)
+  p.add_argument("--length", type=int, default=256)
+  p.add_argument("--layers", type=int, default=0, help="first N layers (0: all)")
+  p.add_argument("--methods", default=default_methods)
+  p.add_argument("--torch-threads", type=int, default=2)
+  p.add_argument("--no-torch", action="store_true")
+  args = p.parse_args(argv)
+  methods = split_methods(args.methods)
+  unknown = [m for m in methods if m not in cases]
+  if unknown:
+    sys.exit(f"unknown method(s) {unknown}; choose from {list(cases)}")
+  print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.2f}; "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}")
+  model = load_model("smollm2-135m")
+  layers = args.layers or model.cfg.num_layers
+  stream = data.tokenize_corpus(model.tokenizer, data.load_texts("text", data_files=WIKITEXT_VALID),
+                                add_bos=False)
+  windows = calibration.calibration_windows(stream, samples=args.samples, length=args.length,
+                                            seed=0)
+  print(f"SmolLM2-135M float32, layers 0-{layers - 1}, calibration {args.samples} x "
+        f"{args.length} WikiText-2 valid tokens")
+  hf = original = None
+  if not args.no_torch:
+    import torch
+    import torch_reference as R
+    torch.set_num_threads(args.torch_threads)
+    hf = R.load_hf_smollm2(gguf_io.find_smollm2_gguf())
+    original = R.snapshot(hf)
+  rows = []
+  for method in methods:
+    box = {}
+
+    def run_dtm():
+      box["params"], _ = calibration.calibrate_and_compress(
+          model.cfg, model.params, f"*@0-{layers - 1}:{method}", windows, batch_size=8,
+          progress=True)
+      jax.block_until_ready(box["params"])
+
+    t_dtm = common.timed(run_dtm)
+    if hf is None:
+      rows.append((method, f"{t_dtm:.1f}", "-", "-", "-"))
+      continue
+    pipeline, kwargs = cases[method]
+    R.restore(hf, original)
+    t_ref = common.timed(lambda: getattr(R, pipeline)(hf, windows, num_layers=layers, **kwargs))
+    ref = R.linear_weights(hf)
+    same = total = 0
+    for kind in R.KIND_MODULES:
+      kernel = np.asarray(C.get_path(box["params"], kernel_path(kind)))
+      for l in range(layers):
+        same += int(np.sum(equal(kernel[l].T, ref[(l, kind)].numpy())))
+        total += kernel[l].size
+    rows.append((method, f"{t_dtm:.1f}", f"{t_ref:.1f}", f"{t_ref / t_dtm:.2f}",
+                 f"{same / total:.4%}"))
+    print(common.table(rows[-1:], ("method", "dtm s", "torch s", "torch/dtm", agree_name)),
+          flush=True)
+  print()
+  print(common.table(rows, ("method", "dtm s", "torch s", "torch/dtm", agree_name)))
+
+
+if __name__ == "__main__":
+  compare(CASES, "dtm vs reference pruning pipelines (Wanda, SparseGPT)",
+          ",".join(CASES))
