@@ -142,59 +142,64 @@ def _layers(full: bool, harness) -> int:
   return harness.model.cfg.num_layers if full else FAST_LAYERS
 
 
-@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)],
-                         ids=["first-layers", "all-layers"])
-def test_pruning_matches_reference_pipelines(harness, full):
-  layers = _layers(full, harness)
-  for method, pipeline, kwargs, required in PRUNING:
-    dtm_params, dtm_w, t_dtm = harness.dtm(method, layers)
-    ref_params, ref_w, t_ref = harness.torch(pipeline, kwargs, layers)
-    masks = agreement(dtm_w, ref_w, same_mask)
-    first = agreement({k: v for k, v in dtm_w.items() if k[0] == 0}, ref_w, same_mask)
-    ppl_dtm, ppl_ref = harness.perplexity(dtm_params), harness.perplexity(ref_params)
-    sparsity = np.mean([np.mean(w == 0) for w in dtm_w.values()])
-    ref_sparsity = np.mean([np.mean(w == 0) for w in ref_w.values()])
-    line = (f"{method} layers 0-{layers - 1}: masks agree {masks:.4%} (layer 0 {first:.4%}), "
-            f"sparsity dtm {sparsity:.4f} torch {ref_sparsity:.4f}, ppl dtm {ppl_dtm:.4f} "
-            f"torch {ppl_ref:.4f} dense {harness.dense_ppl:.4f}; {t_dtm:.0f} s / {t_ref:.0f} s")
-    if pipeline == "sparsegpt_sequential":  # the reference against itself
-      batched_params, batched_w, _ = harness.torch(pipeline, kwargs, layers,
-                                                   batch_size=CAL_SAMPLES)
-      floor = agreement(batched_w, ref_w, same_mask)
-      line += (f"; torch batched vs one-by-one: masks {floor:.4%}, ppl "
-               f"{harness.perplexity(batched_params):.4f}")
-      if full:
-        required = floor - 0.005
-    harness.record(line)
-    assert first >= 0.998, line
-    assert masks >= required, line
-    assert abs(sparsity - ref_sparsity) < 1e-3, line
-    assert abs(ppl_dtm / ppl_ref - 1) < PPL_RTOL, line
-    assert ppl_dtm > harness.dense_ppl, line  # the pruning is not a no-op
+def _cases(specs):
+  """(full, spec) for every spec: first layers always, all layers marked slow."""
+  return ([pytest.param(False, c, id=f"first-layers-{c[0]}") for c in specs]
+          + [pytest.param(True, c, id=f"all-layers-{c[0]}", marks=pytest.mark.slow)
+             for c in specs])
 
 
-@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)],
-                         ids=["first-layers", "all-layers"])
-def test_gptq_matches_reference_pipeline(harness, full):
+@pytest.mark.parametrize("full, case", _cases(PRUNING))
+def test_pruning_matches_reference_pipelines(harness, full, case):
   layers = _layers(full, harness)
-  for method, kwargs in GPTQ:
-    dtm_params, dtm_w, t_dtm = harness.dtm(method, layers)
-    ref_params, ref_w, t_ref = harness.torch("gptq_sequential", kwargs, layers)
-    values = agreement(dtm_w, ref_w, same_value)
-    first = agreement({k: v for k, v in dtm_w.items() if k[0] == 0}, ref_w, same_value)
-    ppl_dtm, ppl_ref = harness.perplexity(dtm_params), harness.perplexity(ref_params)
-    # the reference against itself: a rounding near-tie flips a code and the error
-    # feedback carries the change along the rest of the row, so equal weights are
-    # compared with that noise floor
-    batched_params, batched_w, _ = harness.torch("gptq_sequential", kwargs, layers,
+  method, pipeline, kwargs, required = case
+  dtm_params, dtm_w, t_dtm = harness.dtm(method, layers)
+  ref_params, ref_w, t_ref = harness.torch(pipeline, kwargs, layers)
+  masks = agreement(dtm_w, ref_w, same_mask)
+  first = agreement({k: v for k, v in dtm_w.items() if k[0] == 0}, ref_w, same_mask)
+  ppl_dtm, ppl_ref = harness.perplexity(dtm_params), harness.perplexity(ref_params)
+  sparsity = np.mean([np.mean(w == 0) for w in dtm_w.values()])
+  ref_sparsity = np.mean([np.mean(w == 0) for w in ref_w.values()])
+  line = (f"{method} layers 0-{layers - 1}: masks agree {masks:.4%} (layer 0 {first:.4%}), "
+          f"sparsity dtm {sparsity:.4f} torch {ref_sparsity:.4f}, ppl dtm {ppl_dtm:.4f} "
+          f"torch {ppl_ref:.4f} dense {harness.dense_ppl:.4f}; {t_dtm:.0f} s / {t_ref:.0f} s")
+  if pipeline == "sparsegpt_sequential":  # the reference against itself
+    batched_params, batched_w, _ = harness.torch(pipeline, kwargs, layers,
                                                  batch_size=CAL_SAMPLES)
-    floor = agreement(batched_w, ref_w, same_value)
-    line = (f"{method} layers 0-{layers - 1}: equal weights {values:.4%} (layer 0 {first:.4%}), "
-            f"ppl dtm {ppl_dtm:.4f} torch {ppl_ref:.4f} dense {harness.dense_ppl:.4f}; "
-            f"torch batched vs one-by-one: equal weights {floor:.4%}, ppl "
-            f"{harness.perplexity(batched_params):.4f}; {t_dtm:.0f} s / {t_ref:.0f} s")
-    harness.record(line)
-    assert values >= floor - 0.01, line
-    assert abs(ppl_dtm / ppl_ref - 1) < PPL_RTOL, line
-    changed = np.mean([np.mean(dtm_w[k] != harness.original[k].numpy()) for k in dtm_w])
-    assert changed > 0.5, line  # quantization moved the weights
+    floor = agreement(batched_w, ref_w, same_mask)
+    line += (f"; torch batched vs one-by-one: masks {floor:.4%}, ppl "
+             f"{harness.perplexity(batched_params):.4f}")
+    if full:
+      required = floor - 0.005
+  harness.record(line)
+  assert first >= 0.998, line
+  assert masks >= required, line
+  assert abs(sparsity - ref_sparsity) < 1e-3, line
+  assert abs(ppl_dtm / ppl_ref - 1) < PPL_RTOL, line
+  assert ppl_dtm > harness.dense_ppl, line  # the pruning is not a no-op
+
+
+@pytest.mark.parametrize("full, case", _cases(GPTQ))
+def test_gptq_matches_reference_pipeline(harness, full, case):
+  layers = _layers(full, harness)
+  method, kwargs = case
+  dtm_params, dtm_w, t_dtm = harness.dtm(method, layers)
+  ref_params, ref_w, t_ref = harness.torch("gptq_sequential", kwargs, layers)
+  values = agreement(dtm_w, ref_w, same_value)
+  first = agreement({k: v for k, v in dtm_w.items() if k[0] == 0}, ref_w, same_value)
+  ppl_dtm, ppl_ref = harness.perplexity(dtm_params), harness.perplexity(ref_params)
+  # the reference against itself: a rounding near-tie flips a code and the error
+  # feedback carries the change along the rest of the row, so equal weights are
+  # compared with that noise floor
+  batched_params, batched_w, _ = harness.torch("gptq_sequential", kwargs, layers,
+                                               batch_size=CAL_SAMPLES)
+  floor = agreement(batched_w, ref_w, same_value)
+  line = (f"{method} layers 0-{layers - 1}: equal weights {values:.4%} (layer 0 {first:.4%}), "
+          f"ppl dtm {ppl_dtm:.4f} torch {ppl_ref:.4f} dense {harness.dense_ppl:.4f}; "
+          f"torch batched vs one-by-one: equal weights {floor:.4%}, ppl "
+          f"{harness.perplexity(batched_params):.4f}; {t_dtm:.0f} s / {t_ref:.0f} s")
+  harness.record(line)
+  assert values >= floor - 0.01, line
+  assert abs(ppl_dtm / ppl_ref - 1) < PPL_RTOL, line
+  changed = np.mean([np.mean(dtm_w[k] != harness.original[k].numpy()) for k in dtm_w])
+  assert changed > 0.5, line  # quantization moved the weights
