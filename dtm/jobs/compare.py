@@ -161,9 +161,10 @@ def run(config, workdir: str) -> dict:
       "dtype": config.dtype, "new_tokens": int(config.prompts.new_tokens),
       "alphas": [float(a) for a in config.alphas],
       "sampling": None if s is None else s.describe(),
-      "calibration": None if calib is None else calib[1],
       "domains": {d.name: {"prompts": d.fingerprint, "settings": d.settings} for d in domains},
   }
+  if calib is not None:  # (absent otherwise: workdirs without calibrated specs stay valid)
+    identity["calibration"] = calib[1]
   tasks = _Tasks(config.tasks, model) if config.tasks.names.strip() else None
   store = ProbeStore.open(workdir, identity)
   # task records are keyed by their settings, so tasks can be added to a finished workdir
