@@ -153,35 +153,16 @@ def export_hf(params, cfg: ModelConfig, directory: str, tokenizer=None,
     leaf = components.get_path(params, slot.path)
     entries.append((name, hf_shape(slot, tuple(leaf.shape)), np_dtype, slot))
 
+  slots = {e[0]: e[3] for e in entries}
+
   def get(name):
-    slot = next(e[3] for e in entries if e[0] == name)
+    slot = slots[name]
     leaf = components.get_path(params, slot.path)
     arr = np.asarray(leaf[slot.layer] if slot.layer is not None else leaf)
     return (arr.T if slot.transpose else arr).astype(np_dtype)
 
-  shards, cur, cur_bytes = [], [], 0
-  for e in entries:
-    nbytes = int(np.prod(e[1])) * np_dtype.itemsize
-    if cur and cur_bytes + nbytes > max_shard_bytes:
-      shards.append(cur)
-      cur, cur_bytes = [], 0
-    cur.append(e)
-    cur_bytes += nbytes
-  shards.append(cur)
-  meta = {"format": "pt"}
-  if len(shards) == 1:
-    safetensors_io.write_file(os.path.join(directory, "model.safetensors"),
-                              [e[:3] for e in shards[0]], get, meta)
-  else:
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-      fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      safetensors_io.write_file(os.path.join(directory, fname), [e[:3] for e in shard], get, meta)
-      for e in shard:
-        weight_map[e[0]] = fname
-        total += int(np.prod(e[1])) * np_dtype.itemsize
-    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  safetensors_io.write_sharded(directory, [(*e[:2], np_dtype) for e in entries], get,
+                               max_shard_bytes)
   write_hf_config(cfg.replace(param_dtype=str(np_dtype)), directory)
   if tokenizer is not None:
     tokenizer.save_pretrained(directory)

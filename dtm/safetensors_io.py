@@ -107,3 +107,32 @@ def write_file(path: str, tensors: list[tuple[str, tuple[int, ...], np.dtype]],
         raise ValueError(f"{name}: shape {arr.shape} != declared {shape}")
       f.write(memoryview(arr.reshape(-1).view(np.uint8)))
   os.replace(tmp, path)
+
+
+def write_sharded(directory: str, entries, get, max_shard_bytes: int) -> None:
+  """Write tensors `entries` ((name, shape, numpy dtype), ...) fetched by `get(name)` as
+  HF safetensors shards of at most `max_shard_bytes` each (one file, or numbered files
+  plus model.safetensors.index.json with the weight map and total size)."""
+  def nbytes(e):
+    return int(np.prod(e[1], dtype=np.int64)) * np.dtype(e[2]).itemsize
+  shards, cur, cur_bytes = [], [], 0
+  for e in entries:
+    if cur and cur_bytes + nbytes(e) > max_shard_bytes:
+      shards.append(cur)
+      cur, cur_bytes = [], 0
+    cur.append(e)
+    cur_bytes += nbytes(e)
+  shards.append(cur)
+  meta = {"format": "pt"}
+  if len(shards) == 1:
+    write_file(os.path.join(directory, "model.safetensors"), shards[0], get, meta)
+    return
+  weight_map, total = {}, 0
+  for i, shard in enumerate(shards):
+    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    write_file(os.path.join(directory, fname), shard, get, meta)
+    for e in shard:
+      weight_map[e[0]] = fname
+      total += nbytes(e)
+  with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

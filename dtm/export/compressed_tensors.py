@@ -242,7 +242,7 @@ def export(directory: str, cfg: ModelConfig, params, spec: str | compress.Spec,
     return (arr.T if slot.transpose else arr).astype(np_dtype)
 
   os.makedirs(directory, exist_ok=True)
-  _write_shards(directory, entries, get, max_shard_bytes)
+  safetensors_io.write_sharded(directory, entries, get, max_shard_bytes)
   write_hf_config(cfg, directory)
   path = os.path.join(directory, "config.json")
   with open(path) as f:
@@ -273,26 +273,3 @@ def _tensor_shapes(shape_OI: tuple[int, int], method: compress.Method):
   return shapes
 
 
-def _write_shards(directory: str, entries, get, max_shard_bytes: int) -> None:
-  shards, cur, cur_bytes = [], [], 0
-  for e in entries:
-    nbytes = int(np.prod(e[1], dtype=np.int64)) * np.dtype(e[2]).itemsize
-    if cur and cur_bytes + nbytes > max_shard_bytes:
-      shards.append(cur)
-      cur, cur_bytes = [], 0
-    cur.append(e)
-    cur_bytes += nbytes
-  shards.append(cur)
-  meta = {"format": "pt"}
-  if len(shards) == 1:
-    safetensors_io.write_file(os.path.join(directory, "model.safetensors"), shards[0], get, meta)
-    return
-  weight_map, total = {}, 0
-  for i, shard in enumerate(shards):
-    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    safetensors_io.write_file(os.path.join(directory, fname), shard, get, meta)
-    for name, shape, dt in shard:
-      weight_map[name] = fname
-      total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
-  with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
