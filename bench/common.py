@@ -43,3 +43,15 @@ def table(rows: list[tuple], header: tuple) -> str:
   w = [max(len(r[i]) for r in rows) for i in range(len(header))]
   return "\n".join("  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i])
                              for i, c in enumerate(r)) for r in rows)
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo (ratios to PyTorch differ between vendors)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return "unknown"

@@ -30,13 +30,8 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 import numpy as np  # noqa: E402
 
+from bench import common  # noqa: E402
 
-def cpu_model() -> str:
-  with open("/proc/cpuinfo") as f:
-    for line in f:
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  return "unknown"
 
 
 def hf_backend(args, batch_size: int):
@@ -98,7 +93,7 @@ def main() -> None:
   disagree = {m: sum(a[m] != b[m] for a, b in zip(samples["dtm"], samples["hf"]))
               for m in metric_names}
   n = out["dtm"]["n-samples"][task]["effective"]
-  print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.2f}")
+  print(f"CPU: {common.cpu_model()}, {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.2f}")
   print(f"task {task}: {n} docs of the local {record[task]['split']} split "
         f"({record[task]['path']}); batch size {args.batch_size}")
   for m in metric_names:

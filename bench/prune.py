@@ -47,13 +47,6 @@ CASES = {
 }
 
 
-def cpu_model() -> str:
-  with open("/proc/cpuinfo") as f:
-    for line in f:
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  return "unknown"
-
 
 def split_methods(text: str) -> list[str]:
   """'wanda(0.5),gptq(4,group_size=64)' -> methods, splitting on commas outside parens."""
@@ -83,7 +76,7 @@ def compare(cases: dict, description: str, default_methods: str, argv=None,
   unknown = [m for m in methods if m not in cases]
   if unknown:
     sys.exit(f"unknown method(s) {unknown}; choose from {list(cases)}")
-  print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.2f}; "
+  print(f"CPU: {common.cpu_model()}, {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.2f}; "
         f"jax {jax.__version__} on {jax.devices()[0].platform}")
   model = load_model("smollm2-135m")
   layers = args.layers or model.cfg.num_layers

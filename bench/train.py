@@ -53,13 +53,6 @@ def peak_rss_mb() -> float:
   return float("nan")
 
 
-def cpu_model() -> str:
-  with open("/proc/cpuinfo") as f:
-    for line in f:
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  return "unknown"
-
 
 def dtm_steps(cfg, params, spec, batches, steps, vocab_chunk):
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
@@ -139,7 +132,7 @@ def main():
   ap.add_argument("--vocab-chunk", type=int, default=8192)
   ap.add_argument("--no-torch", action="store_true")
   args = ap.parse_args()
-  print(f"CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores; jax {jax.__version__}, "
+  print(f"CPU: {common.cpu_model()}, {len(os.sched_getaffinity(0))} cores; jax {jax.__version__}, "
         f"devices {jax.devices()}")
   model = load_model("smollm2-135m")
   cfg, params = model.cfg, model.params

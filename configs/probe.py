@@ -7,7 +7,8 @@
 
 Args: model (smollm2 | llama2-7b | llama2-13b | any key of configs.common.MODELS),
 runlocal (a CPU-sized run for tests), quick (the README quick start: all components,
-few levels). Ablations: `sweep()` below; expand with launch/sweep.py.
+few levels), beyond90 (levels 0.9 / 0.95 / 0.99 ranked by FDT_0.75: the share of components
+prunable beyond 90 %; add --config.probe.method=wanda for Wanda). Ablations: `sweep()` below; expand with launch/sweep.py.
 """
 import ml_collections
 
@@ -15,7 +16,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, model="smollm2", runlocal=False, quick=False)
+  arg = common.parse_arg(arg, model="smollm2", runlocal=False, quick=False, beyond90=False)
   config = ml_collections.ConfigDict()
   # Which job main.py runs.
   config.job = "probe"
@@ -67,6 +68,11 @@ def get_config(arg=None):
     config.prompts.num = 8
     config.prompts.length = 32
     config.probe.levels = (0.25, 0.5, 0.75)
+  if arg.beyond90:
+    # The paper's prunability claim, one component at a time: which components keep
+    # FDT_0.75 >= N/2 at 90 % sparsity and beyond (README "Prunability beyond 90 %").
+    config.probe.levels = (0.9, 0.95, 0.99)
+    config.probe.candidate_alpha = 0.75
   if arg.runlocal:
     config.prompts.num = 4
     config.prompts.length = 12

@@ -79,6 +79,13 @@ def kernel_path(kind: str) -> tuple[str, ...]:
   return ("layers", module, kind, "kernel")
 
 
+def block_of(kind: str) -> str:
+  """'attn' for q, k, v, o; 'mlp' for gate, up, down."""
+  if kind not in _KIND_TABLE:
+    raise ValueError(f"unknown component kind {kind!r}; expected one of {KINDS}")
+  return _KIND_TABLE[kind][0]
+
+
 def all_components(num_layers: int, kinds: tuple[str, ...] = KINDS) -> list[Component]:
   """Every component, ordered by layer then by position in KINDS."""
   return [Component(l, k) for l in range(num_layers) for k in kinds]

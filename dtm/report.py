@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from dtm.components import KINDS, parse_component
+from dtm.components import KINDS, block_of, parse_component
 
 
 def summary_rows(records: list[dict], alphas) -> list[dict]:
@@ -48,6 +48,45 @@ def candidates(rows: list[dict], alpha: float, min_fdt: float, descending: bool)
       if better:
         out[comp] = row["level"]
   return out
+
+
+def candidate_shares(cands: dict, levels, descending: bool) -> list[dict]:
+  """How many components reach each level, per kind, per block and overall.
+
+  cands: component name -> its candidate level (or None), as `candidates` returns; a
+  component counts for level L when its candidate is at least as aggressive as L. Rows:
+  one per kind present, then 'attention (q,k,v,o)', 'mlp (gate,up,down)' and 'all', each
+  {"group", "components", "reach": {level: count}}.
+  """
+  def reaches(c, level):
+    return c is not None and (c <= level if descending else c >= level)
+
+  parsed = [(parse_component(name), c) for name, c in cands.items()]
+  groups = [(k, lambda comp, k=k: comp.kind == k) for k in KINDS
+            if any(comp.kind == k for comp, _ in parsed)]
+  groups += [("attention (q,k,v,o)", lambda comp: block_of(comp.kind) == "attn"),
+             ("mlp (gate,up,down)", lambda comp: block_of(comp.kind) == "mlp"),
+             ("all", lambda comp: True)]
+  rows = []
+  for name, member in groups:
+    sel = [c for comp, c in parsed if member(comp)]
+    rows.append({"group": name, "components": len(sel),
+                 "reach": {float(lv): sum(reaches(c, lv) for c in sel) for lv in levels}})
+  return rows
+
+
+def shares_table(rows: list[dict], descending: bool) -> str:
+  """Text table of `candidate_shares`: count and share of components per level."""
+  levels = list(rows[0]["reach"]) if rows else []
+  op = "<=" if descending else ">="
+  head = f"{'group':<22}{'components':>11}" + "".join(f"{op + format(lv, 'g'):>16}"
+                                                      for lv in levels)
+  lines = [head]
+  for r in rows:
+    cells = "".join(f"{r['reach'][lv]:>7} ({r['reach'][lv] / max(r['components'], 1):5.1%})"
+                    for lv in levels)
+    lines.append(f"{r['group']:<22}{r['components']:>11}{cells}")
+  return "\n".join(lines)
 
 
 def heatmap(path: str, rows: list[dict], alpha: float, max_fdt: int, title: str) -> None:

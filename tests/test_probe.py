@@ -360,4 +360,28 @@ def test_outputs(reference_run):
     ok = [float(r["level"]) for r in rows
           if r["component"] == name and float(r["fdt_alpha_0.9"]) >= cands["min_fdt"]]
     assert level == (max(ok) if ok else None), name
+  shares = {r["group"]: r for r in cands["shares"]}  # counted again from the candidates
+  for group, kinds in [*((k, (k,)) for k in KINDS), ("attention (q,k,v,o)", KINDS[:4]),
+                       ("mlp (gate,up,down)", KINDS[4:]), ("all", KINDS)]:
+    members = [lv for nm, lv in cands["candidates"].items() if nm.split(".")[1] in kinds]
+    assert shares[group]["components"] == len(members), group
+    for lv, count in shares[group]["reach"].items():
+      assert count == sum(m is not None and m >= float(lv) for m in members), (group, lv)
   assert (reference_run / "summary.txt").read_text().startswith("FDT_0.9")
+
+
+def test_candidate_shares_hand_computed():
+  from dtm import report
+  cands = {"L00.q": 0.99, "L00.down": 0.9, "L01.q": None, "L01.up": 0.95}
+  rows = {r["group"]: (r["components"], r["reach"])
+          for r in report.candidate_shares(cands, (0.9, 0.95, 0.99), descending=False)}
+  assert rows == {"q": (2, {0.9: 1, 0.95: 1, 0.99: 1}), "up": (1, {0.9: 1, 0.95: 1, 0.99: 0}),
+                  "down": (1, {0.9: 1, 0.95: 0, 0.99: 0}),
+                  "attention (q,k,v,o)": (2, {0.9: 1, 0.95: 1, 0.99: 1}),
+                  "mlp (gate,up,down)": (2, {0.9: 2, 0.95: 1, 0.99: 0}),
+                  "all": (4, {0.9: 3, 0.95: 2, 0.99: 1})}
+  bits = report.candidate_shares({"L00.q": 4, "L00.k": 8, "L00.v": None}, (8, 4), descending=True)
+  assert [(r["group"], r["reach"]) for r in bits][:3] == [
+      ("q", {8.0: 1, 4.0: 1}), ("k", {8.0: 1, 4.0: 0}), ("v", {8.0: 0, 4.0: 0})]
+  table = report.shares_table(bits, descending=True)
+  assert table.splitlines()[0].split()[-2:] == ["<=8", "<=4"] and "all" in table

@@ -1,8 +1,8 @@
 """The prune job (FDT-guided iterative magnitude pruning) end to end on a tiny random Llama
 with SmolLM2's tokenizer and real WikiText-2 text: the chosen increments are the best
 candidates by a direct evaluation of each, sparsity grows monotonically, pruned zeros stay
-zero through training, a SIGKILLed run resumes to the same records, a workdir with another
-config is refused, and bad settings fail with one line."""
+zero through training, a run SIGKILLed twice resumes to the same records and model, a
+workdir with another config is refused, and bad settings fail with one line."""
 from __future__ import annotations
 
 import json
@@ -163,33 +163,62 @@ def test_pruned_zeros_stay_zero_through_training(reference, tiny_dir):
                             np.asarray(get_path(original, kernel_path(dense.kind))[dense.layer]))
 
 
-def test_kill_then_resume_gives_the_same_records(reference, tiny_dir, tmp_path):
-  """SIGKILL while round 1 trains (after its first checkpoint); the rerun resumes (probe
-  store, trainer checkpoint) and ends with the uninterrupted run's records and spec. One
-  round here (max_rounds only stops the search: rounds 0-1 are those of the reference)."""
-  ref_dir, _ = reference
-  workdir = str(tmp_path / "killed")
-  args = cli_args(tiny_dir, **{"prune.max_rounds": 1})
-  ckpt = os.path.join(prune_rounds.round_dir(workdir, 1), "train", "ckpt")
-  with open(tmp_path / "log1", "w") as log:
+def _run_until(workdir, args, log_path, ready, delay: float) -> int:
+  """Start the job; SIGKILL it `delay` seconds after `ready()` first holds. Returns the
+  exit code (-SIGKILL when killed)."""
+  with open(log_path, "w") as log:
     p = subprocess.Popen(main_cmd(workdir, args), cwd=REPO, env=subprocess_env(), stdout=log,
                          stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
+    deadline = time.time() + 300
     while p.poll() is None and time.time() < deadline:
-      if os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt)):
+      if ready():
+        time.sleep(delay)
         p.send_signal(signal.SIGKILL)
         break
       time.sleep(0.01)
-    p.wait()
-  assert p.returncode == -signal.SIGKILL, "the run ended before the kill"
+    return p.wait()
+
+
+def _has_lines(path) -> bool:
+  return os.path.exists(path) and os.path.getsize(path) > 0
+
+
+def _has_step(ckpt) -> bool:
+  return os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))
+
+
+def test_two_kills_then_resume_give_the_same_model_and_records(reference, tiny_dir, tmp_path):
+  """SIGKILL once during round 1's selection (after its first probe record, plus a random
+  delay) and once during round 2's training (after its first checkpoint, plus a random
+  delay); the third invocation of the same command resumes (probe store, trainer
+  checkpoint, stored rounds) and ends with the uninterrupted run's rounds.jsonl, final spec
+  and final model, bit for bit."""
+  import random
+  rng = random.Random(11)
+  ref_dir, _ = reference
+  workdir = str(tmp_path / "killed")
+  args = cli_args(tiny_dir)
+  probes1 = os.path.join(prune_rounds.round_dir(workdir, 1), "probe", "probes.jsonl")
+  ckpt2 = os.path.join(prune_rounds.round_dir(workdir, 2), "train", "ckpt")
+  code = _run_until(workdir, args, tmp_path / "log1", lambda: _has_lines(probes1),
+                    rng.uniform(0.0, 0.3))
+  assert code == -signal.SIGKILL, "the first run ended before the kill"
   assert len(rounds(workdir)) == 1  # round 0 only
+  code = _run_until(workdir, args, tmp_path / "log2", lambda: _has_step(ckpt2),
+                    rng.uniform(0.0, 0.3))
+  assert code == -signal.SIGKILL, "the second run ended before the kill"
+  assert len(rounds(workdir)) == 2  # rounds 0-1
   proc = subprocess.run(main_cmd(workdir, args), cwd=REPO, env=subprocess_env(),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "resuming from checkpoint step" in proc.stdout
-  assert without_timing(rounds(workdir)) == without_timing(rounds(ref_dir)[:2])
-  with open(os.path.join(workdir, "results.json")) as f:
-    assert json.load(f)["final_spec"] == rounds(ref_dir)[1]["spec"]
+  assert without_timing(rounds(workdir)) == without_timing(rounds(ref_dir))
+  with open(os.path.join(workdir, "results.json")) as f, \
+       open(os.path.join(ref_dir, "results.json")) as g:
+    assert json.load(f)["final_spec"] == json.load(g)["final_spec"]
+  got = load_model(os.path.join(workdir, "model")).params
+  want = load_model(os.path.join(ref_dir, "model")).params
+  jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 def test_other_config_is_refused(reference, tiny_dir):

@@ -215,12 +215,15 @@ def _finish(config, workdir, store, probes, n, is_writer) -> dict:
   cands = report.candidates(rows, alpha, min_fdt, descending)
   levels = sorted({r["level"] for r in rows})
   table = report.text_table(rows, alpha, levels)
+  shares = report.candidate_shares(cands, levels, descending)
   if is_writer:
     report.write_csv(os.path.join(workdir, "summary.csv"), rows)
     io_utils.atomic_write_text(os.path.join(workdir, "summary.txt"), table + "\n")
     io_utils.atomic_write_json(os.path.join(workdir, "candidates.json"), {
         "alpha": alpha, "min_fdt": min_fdt, "method": config.probe.method,
-        "candidates": cands})
+        "candidates": cands,
+        "shares": [{**r, "reach": {f"{lv:g}": c for lv, c in r["reach"].items()}}
+                   for r in shares]})
     title = (f"{config.model}: one component at a time, FDT_{alpha:g} (N={n}, "
              f"{len(records[0]['per_prompt']['fdt'])} prompts); panels: {config.probe.method} level")
     report.heatmap(os.path.join(workdir, "heatmap.png"), rows, alpha, n, title)
@@ -228,5 +231,7 @@ def _finish(config, workdir, store, probes, n, is_writer) -> dict:
   ok = sum(v is not None for v in cands.values())
   print(f"\ncandidates (most aggressive level with FDT_{alpha:g} >= {min_fdt:g}): {ok} of "
         f"{len(cands)} components; see {os.path.join(workdir, 'candidates.json')}")
+  print(f"components whose candidate reaches each level (FDT_{alpha:g} >= {min_fdt:g}):")
+  print(report.shares_table(shares, descending))
   print(f"results: {workdir}/probes.jsonl, summary.csv, heatmap.png")
-  return {"rows": rows, "candidates": cands}
+  return {"rows": rows, "candidates": cands, "shares": shares}
