@@ -27,7 +27,8 @@ def get_config(arg=None):
   common.calibration_fields(config)
   # Documents per task (the first `limit` of the evaluated split; 0 = all).
   config.limit = 0
-  # Requests per forward pass (>= 1).
+  # Packed rows per forward pass (>= 1); a row of T tokens (T >= the longest request, at
+  # least 128) holds as many requests as fit, the choices of a document sharing its context.
   config.batch_size = 16
   # Context limit in tokens (0 = the model's max_position_embeddings).
   config.max_length = 0

@@ -61,10 +61,10 @@ def rope_inv_freq(cfg: ModelConfig) -> Array:
 
 def apply_rope(x_BTHK: Array, positions_T: Array, inv_freq: Array, scale: float = 1.0) -> Array:
   """Rotate x by its absolute positions (HF rotate-half convention), in float32;
-  optionally times `scale` (folded into cos/sin)."""
-  freqs_TK2 = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
-  cos = jnp.cos(freqs_TK2)[None, :, None, :] * scale
-  sin = jnp.sin(freqs_TK2)[None, :, None, :] * scale
+  optionally times `scale` (folded into cos/sin). positions: [T], or [B, T] per row."""
+  freqs_TK2 = positions_T.astype(jnp.float32)[..., None] * inv_freq
+  cos = jnp.cos(freqs_TK2)[..., None, :] * scale
+  sin = jnp.sin(freqs_TK2)[..., None, :] * scale
   x = x_BTHK.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -131,18 +131,22 @@ class Attention(nn.Module):
   Query head h uses key/value head h // G (HF `repeat_kv` order). With `query_start`
   q (no cache), keys and values come from all T positions but only rows q.. are
   queried: the output is [B, T - q, Hq*K] (a last layer whose earlier rows nobody reads).
+
+  With `mask_BTS` (bool, no cache) query t attends to key s where mask[b, t, s] instead
+  of the causal rule, and positions are per row [B, T] (packed sequences, e.g. several
+  continuations sharing one context in a row; every row of the mask needs one True).
   """
   cfg: ModelConfig
   query_start: int = 0
 
   @nn.compact
   def __call__(self, x_BTD: Array, positions_T: Array, cache: tuple[Array, Array] | None,
-               cache_index: Array | None):
+               cache_index: Array | None, mask_BTS: Array | None = None):
     cfg = self.cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     hq, hkv, kd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     qs = self.query_start
-    x_q, pos_q = x_BTD[:, qs:], positions_T[qs:]
+    x_q, pos_q = x_BTD[:, qs:], positions_T[..., qs:]
     b, t, _ = x_q.shape
     q = Linear(hq * kd, dt, pdt, name="q")(x_q).reshape(b, t, hq, kd)
     k = Linear(hkv * kd, dt, pdt, name="k")(x_BTD).reshape(b, -1, hkv, kd)
@@ -167,8 +171,11 @@ class Attention(nn.Module):
     scores = jnp.einsum("bkmd,bksd->bkms", q_BkMK, k_BkSK, preferred_element_type=jnp.float32)
     # Causal mask as an additive bias (key index = absolute position in the cache layout);
     # softmax normalisation is applied after the PV matmul (on K values, not S scores).
-    bias_TS = jnp.where(jnp.arange(s)[None, :] <= pos_q[:, None], 0.0, -jnp.inf)
-    scores = scores.reshape(b, hkv, g, t, s) + bias_TS
+    if mask_BTS is None:
+      bias = jnp.where(jnp.arange(s)[None, :] <= pos_q[:, None], 0.0, -jnp.inf)
+    else:
+      bias = jnp.where(mask_BTS[:, qs:], 0.0, -jnp.inf)[:, None, None]
+    scores = scores.reshape(b, hkv, g, t, s) + bias
     unnorm = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     denom = jnp.sum(unnorm, axis=-1, keepdims=True)
     out = jnp.einsum("bkms,bksd->bkmd", unnorm.astype(dt).reshape(b, hkv, g * t, s), v_BkSK,
@@ -207,7 +214,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm decoder layer. Called by nn.scan as (carry, per-layer input, broadcast).
+  """Pre-norm decoder layer. Called by nn.scan as (carry, per-layer input, broadcast),
+  the broadcast being aux = (positions, cache_index) or (positions [B, T], None, mask_BTS)
+  (see `Attention`).
 
   With `query_start` q (no cache) only rows q.. are computed past the K/V projections:
   h [B, T, D] -> [B, T - q, D] (`Attention.query_start`).
@@ -218,11 +227,11 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, h_BTD: Array, cache: tuple[Array, Array] | None, aux: tuple[Array, Any]):
     cfg = self.cfg
-    positions_T, cache_index = aux
+    positions_T, cache_index, *mask = aux
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_norm")(h_BTD)
     attn_out, new_cache = Attention(cfg, self.query_start, name="attn")(
-        x, positions_T, cache, cache_index)
+        x, positions_T, cache, cache_index, *mask)
     h_BTD = h_BTD[:, self.query_start:] + attn_out
     x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="mlp_norm")(h_BTD)
     h_BTD = h_BTD + MLP(cfg, name="mlp")(x)
@@ -257,16 +266,24 @@ class Llama(nn.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = Linear(cfg.vocab_size, dt, pdt, out_f32=True)
 
-  def hidden(self, tokens_BT: Array, cache: KVCache | None = None, cache_index=None):
+  def hidden(self, tokens_BT: Array, cache: KVCache | None = None, cache_index=None,
+             packing: tuple[Array, Array] | None = None):
     """Residual stream after the last layer (before the final norm): [B, T, D].
 
     With a cache (k, v [L, B, S, Hkv, K]) the T new tokens sit at positions
     cache_index..cache_index+T-1 and attend to every cached position before them.
+    With packing = (positions [B, T] int32, mask [B, T, T] bool) and no cache, token t
+    of row b sits at positions[b, t] and attends to the keys where mask[b, t] holds.
     """
     h = self.embed(tokens_BT)
-    positions = _positions(tokens_BT.shape[1], cache_index)
+    if packing is not None:
+      if cache is not None:
+        raise ValueError("packed sequences take no KV cache")
+      aux = (packing[0], None, packing[1])
+    else:
+      aux = (_positions(tokens_BT.shape[1], cache_index), cache_index)
     per_layer = None if cache is None else (cache.k, cache.v)
-    h, new = self.layers(h, per_layer, (positions, cache_index))
+    h, new = self.layers(h, per_layer, aux)
     return h, (None if cache is None else KVCache(*new))
 
   def normed(self, h_BTD: Array) -> Array:

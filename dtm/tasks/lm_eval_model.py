@@ -15,13 +15,18 @@ does, so a task gives the same numbers through either:
 * generate_until: greedy decoding with the KV cache, cut at the first stop sequence
   (and EOS), context left-truncated to max_length - max_gen_toks.
 
-Requests are sorted by length, longest first (HFLM's order), batched `batch_size` at a
-time and right-padded to a length bucket (`bucket`), so a task compiles a few shapes;
-every batch has `batch_size` rows (the last is padded by repeating a row). Only the
-continuation positions go through the LM head: logits are [B, C, V], never [B, T, V].
+Requests are packed, not padded: the continuations of one context share a single copy
+of it (multiple-choice tasks score every choice after the same context), and such
+pieces are packed into rows of T tokens (T >= the longest request, at least ROW_MIN),
+`batch_size` rows per forward pass, with an attention mask that keeps every piece and
+every continuation to itself (`packed_hidden`). So a task compiles a few shapes and
+computes the context once per document, not once per choice; only the positions that
+predict continuation tokens go through the LM head (logits [K, V], never [B, T, V]).
 """
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import functools
 import logging
 import time
@@ -54,28 +59,128 @@ def bucket(n: int, cap: int | None = None, minimum: int = 16) -> int:
   return min(out, cap) if cap else out
 
 
-def bucket_pow2(n: int, cap: int) -> int:
-  """The smallest power of two >= n, at most `cap` (continuation lengths)."""
-  return min(cap, 1 << (n - 1).bit_length())
+ROW_MIN = 128  # shortest packed row (tokens): room for a context and its choices
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+  """One row segment: a context prefix followed by the inputs of the continuations
+  scored after it (each attends to the prefix and to itself only).
+
+  prefix: the tokens every member request shares; members: request indices; length:
+  tokens the piece takes in a row (len(prefix) + Σ (len(continuation) - 1)).
+  """
+  prefix: tuple[int, ...]
+  members: tuple[int, ...]
+  length: int
+
+
+def plan_pieces(requests: list[tuple[list[int], list[int]]], row_len: int) -> list[Piece]:
+  """Group (input prefix, continuation) requests by prefix into pieces of <= row_len
+  tokens. The model input of request (p, c) is p ⊕ c[:-1] and c is predicted from the
+  last token of p on; len(p) + len(c) - 1 <= row_len for every request (else ValueError).
+  A prefix whose continuations do not fit in one row is split over several pieces."""
+  groups: dict[tuple[int, ...], list[int]] = {}
+  for i, (prefix, cont) in enumerate(requests):
+    if not prefix or not cont or len(prefix) + len(cont) - 1 > row_len:
+      raise ValueError(f"request {i}: {len(prefix)} + {len(cont)} tokens do not fit a row "
+                       f"of {row_len}")
+    groups.setdefault(tuple(prefix), []).append(i)
+  pieces = []
+  for prefix, members in groups.items():
+    chunk, length = [], len(prefix)
+    for i in members:
+      extra = len(requests[i][1]) - 1
+      if chunk and length + extra > row_len:
+        pieces.append(Piece(prefix, tuple(chunk), length))
+        chunk, length = [], len(prefix)
+      chunk.append(i)
+      length += extra
+    pieces.append(Piece(prefix, tuple(chunk), length))
+  return pieces
+
+
+def pack_rows(lengths: list[int], row_len: int) -> list[list[int]]:
+  """Best-fit decreasing bin packing: indices of `lengths` (each <= row_len) into rows
+  of row_len tokens; each item goes to the fullest row that still holds it."""
+  rows: list[list[int]] = []
+  free: list[tuple[int, int]] = []  # (tokens left, row index), sorted
+  for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    j = bisect.bisect_left(free, (lengths[i], -1))
+    if j == len(free):
+      rows.append([])
+      left, r = row_len, len(rows) - 1
+    else:
+      left, r = free.pop(j)
+    rows[r].append(i)
+    left -= lengths[i]
+    if left > 0:
+      bisect.insort(free, (left, r))
+  return rows
+
+
+def layout_rows(pieces: list[Piece], rows: list[list[int]], requests, n_rows: int,
+                row_len: int):
+  """Arrays for `packed_scores` from rows of pieces (padded to n_rows rows).
+
+  Returns (tokens, positions, piece ids, branch ids) int32 [n_rows, row_len] (piece id 0
+  and position 0 are padding; branch 0 is a prefix token, j the j-th member's input),
+  flat target positions and target ids int32 [K] (K = a bucket of the number of
+  continuation tokens), and spans: (request index, start, stop) into the K axis.
+  """
+  tokens, positions, piece_ids, branches = (np.zeros((n_rows, row_len), np.int32)
+                                            for _ in range(4))
+  flat, targets, spans = [], [], []
+  for r, row in enumerate(rows):
+    t = 0
+    for n, p in enumerate(row, 1):
+      piece = pieces[p]
+      pl = len(piece.prefix)
+      tokens[r, t:t + pl] = piece.prefix
+      positions[r, t:t + pl] = np.arange(pl)
+      piece_ids[r, t:t + pl] = n
+      last_prefix, t = r * row_len + t + pl - 1, t + pl
+      for j, i in enumerate(piece.members, 1):
+        cont = requests[i][1]
+        k = len(cont) - 1
+        tokens[r, t:t + k] = cont[:-1]
+        positions[r, t:t + k] = np.arange(pl, pl + k)
+        piece_ids[r, t:t + k] = n
+        branches[r, t:t + k] = j
+        spans.append((i, len(flat), len(flat) + k + 1))
+        flat += [last_prefix] + list(range(r * row_len + t, r * row_len + t + k))
+        targets += cont
+        t += k
+  size = bucket(len(flat), minimum=64)
+  flat_K = np.zeros((size,), np.int32)
+  targets_K = np.zeros((size,), np.int32)
+  flat_K[:len(flat)], targets_K[:len(targets)] = flat, targets
+  return (tokens, positions, piece_ids, branches), flat_K, targets_K, spans
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def score_batch(cfg: ModelConfig, params, tokens_BT, first_B, targets_BC):
-  """Log-probabilities of continuation tokens, teacher-forced.
+def packed_hidden(cfg: ModelConfig, params, tokens_BT, positions_BT, pieces_BT, branches_BT):
+  """Residual stream [B, T, D] of packed rows (`layout_rows`): token t attends to token s
+  of its row when both belong to the same piece, s's position is <= t's, and s is a
+  prefix token or in t's branch."""
+  pos_q, pos_k = positions_BT[:, :, None], positions_BT[:, None, :]
+  br_q, br_k = branches_BT[:, :, None], branches_BT[:, None, :]
+  mask_BTS = ((pieces_BT[:, :, None] == pieces_BT[:, None, :]) & (pos_k <= pos_q)
+              & ((br_k == 0) | (br_k == br_q)))
+  h_BTD, _ = Llama(cfg).apply({"params": params}, tokens_BT, method=Llama.hidden,
+                              packing=(positions_BT, mask_BTS))
+  return h_BTD
 
-  tokens_BT: int32 model input (right-padded); the logits at position first_B[b] + j
-  predict targets_BC[b, j]. Returns (logp_BC float32 nats, greedy_BC bool: targets_BC is
-  the argmax there). Positions past a row's continuation hold junk the caller drops.
-  """
-  model = Llama(cfg)
-  h_BTD, _ = model.apply({"params": params}, tokens_BT, method=Llama.hidden)
-  t, c = tokens_BT.shape[1], targets_BC.shape[1]
-  pos_BC = jnp.minimum(first_B[:, None] + jnp.arange(c)[None, :], t - 1)
-  h_BCD = jnp.take_along_axis(h_BTD, pos_BC[..., None], axis=1)
-  logits_BCV = model.apply({"params": params}, h_BCD, method=Llama.logits)
-  logp_BCV = jax.nn.log_softmax(logits_BCV.astype(jnp.float32), axis=-1)
-  logp_BC = jnp.take_along_axis(logp_BCV, targets_BC[..., None], axis=-1)[..., 0]
-  return logp_BC, jnp.argmax(logits_BCV, axis=-1) == targets_BC
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def packed_scores(cfg: ModelConfig, params, h_BTD, flat_K, targets_K):
+  """(log p float32 nats [K], is-argmax bool [K]) of targets_K predicted at the flat
+  positions flat_K (row * T + t) of h_BTD; only these K rows go through the LM head."""
+  h_KD = h_BTD.reshape(-1, h_BTD.shape[-1])[flat_K]
+  logits_KV = Llama(cfg).apply({"params": params}, h_KD[None], method=Llama.logits)[0]
+  logp_KV = jax.nn.log_softmax(logits_KV.astype(jnp.float32), axis=-1)
+  logp_K = jnp.take_along_axis(logp_KV, targets_K[:, None], axis=-1)[:, 0]
+  return logp_K, jnp.argmax(logits_KV, axis=-1) == targets_K
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
@@ -116,7 +221,8 @@ class DtmLM(TemplateLM):
   id), or `loaded`, an already loaded `LoadedModel` (several compressions share one
   load); compression: a spec string ('' = the original model; calibrated methods need
   `params` made by `dtm.jobs.common.compress_model`); params: compressed params to use
-  instead of compressing here; batch_size: requests per forward pass; max_length: the
+  instead of compressing here; batch_size: packed rows per forward pass (each of T tokens,
+  T >= the longest request, holding as many requests as fit); max_length: the
   context limit in tokens (default: the model's max_position_embeddings).
   """
 
@@ -193,64 +299,47 @@ class DtmLM(TemplateLM):
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
     """[(cache key, context ids, continuation ids)] -> [(Σ log p nats, is_greedy)]."""
     t0 = time.perf_counter()
-    rows = []
+    inputs = []
     for _, ctx, cont in requests:
       if not ctx or not cont:
         raise DtmError("loglikelihood request with an empty context or continuation")
       if len(cont) > self.max_length:
         raise DtmError(f"continuation of {len(cont)} tokens exceeds max_length "
                        f"{self.max_length}")
-      rows.append((ctx + cont)[-(self.max_length + 1):])
-    # HFLM's order: longest first (then by tokens), so a batch holds similar lengths.
-    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), tuple(rows[i])))
-    out: list[tuple[float, bool] | None] = [None] * len(rows)
-    # One continuation width for the whole call (a power of two): shapes vary only in T.
-    width = bucket_pow2(max((len(r[2]) for r in requests), default=1), self.max_length)
-    bar = tqdm(total=len(rows), desc="dtm loglikelihood", unit="req", disable=disable_tqdm)
+      full = (ctx + cont)[-(self.max_length + 1):]  # HFLM's left truncation
+      inputs.append((full[:len(full) - len(cont)], cont))
+    out: list[tuple[float, bool] | None] = [None] * len(requests)
+    if not inputs:
+      return out
+    row_len = max(bucket(max(len(p) + len(c) - 1 for p, c in inputs)), ROW_MIN)
+    pieces = plan_pieces(inputs, row_len)
+    rows = pack_rows([p.length for p in pieces], row_len)
+    bar = tqdm(total=len(requests), desc="dtm loglikelihood", unit="req",
+               disable=disable_tqdm)
     pending = None
-    for start in range(0, len(order), self.batch_size):
-      idx = order[start:start + self.batch_size]
-      batch = self._score_arrays([rows[i] for i in idx], [len(requests[i][2]) for i in idx],
-                                 width)
+    for start in range(0, len(rows), self.batch_size):
+      chunk = rows[start:start + self.batch_size]
+      n_rows = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
+      arrays, flat, targets, spans = layout_rows(pieces, chunk, inputs, n_rows, row_len)
+      h = packed_hidden(self.cfg, self.params, *map(jnp.asarray, arrays))
+      scores = packed_scores(self.cfg, self.params, h, jnp.asarray(flat), jnp.asarray(targets))
       if pending is not None:  # read back one batch late: the device never waits for us
         self._collect(pending, requests, out, bar)
-      pending = (idx, batch)
-    if pending is not None:
-      self._collect(pending, requests, out, bar)
+      pending = (spans, scores)
+    self._collect(pending, requests, out, bar)
     bar.close()
     self.seconds["loglikelihood"] += time.perf_counter() - t0
     return out
 
-  def _score_arrays(self, seqs: list[list[int]], cont_lens: list[int], width: int):
-    """Dispatch `score_batch` on one batch of full sequences (context ⊕ continuation,
-    already left-truncated to max_length + 1), continuation slots min(width, T); returns
-    the device results."""
-    b = self.batch_size
-    t = bucket(max(len(s) - 1 for s in seqs), self.max_length)
-    c = min(width, t)
-    tokens = np.zeros((b, t), np.int32)
-    targets = np.zeros((b, c), np.int32)
-    first = np.zeros((b,), np.int32)
-    for r in range(b):
-      s, k = (seqs[r], cont_lens[r]) if r < len(seqs) else (seqs[-1], cont_lens[-1])
-      n = len(s) - 1
-      tokens[r, :n] = s[:-1]
-      first[r] = n - k
-      targets[r, :k] = s[-k:]
-    return score_batch(self.cfg, self.params, jnp.asarray(tokens), jnp.asarray(first),
-                       jnp.asarray(targets))
-
   def _collect(self, pending, requests, out, bar) -> None:
-    idx, (logp, greedy) = pending
+    spans, (logp, greedy) = pending
     logp, greedy = np.asarray(logp), np.asarray(greedy)
-    for r, i in enumerate(idx):
-      key, _, cont = requests[i]
-      k = len(cont)
-      answer = (float(np.sum(logp[r, :k], dtype=np.float64)), bool(np.all(greedy[r, :k])))
+    for i, a, b in spans:
+      answer = (float(np.sum(logp[a:b], dtype=np.float64)), bool(np.all(greedy[a:b])))
       out[i] = answer
-      if key is not None:
-        self.cache_hook.add_partial("loglikelihood", key, answer)
-    bar.update(len(idx))
+      if requests[i][0] is not None:
+        self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+    bar.update(len(spans))
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     """Σ log p of each whole string over lm-eval's disjoint rolling windows (nats)."""
