@@ -5,6 +5,13 @@ PyTorch transcriptions of the reference pipelines (tests/torch_reference.py: loc
   .venv/bin/python bench/prune.py [--samples 16] [--length 256] [--layers N]
                                   [--methods 'wanda(0.5),wanda(2,4),sparsegpt(0.5),sparsegpt(2,4)']
                                   [--torch-threads 2] [--no-torch]
+  .venv/bin/python bench/prune.py --round [--workdir DIR] [-- --config.prune.k=21 ...]
+
+With --round: one round of the prune job (configs/prune.py on SmolLM2, its defaults unless
+overridden, `prune.max_rounds=1`, a fresh workdir) and the seconds of its phases from
+rounds.jsonl: the original model's held-out evaluation (round 0), then round 1's selection
+(probing every candidate increment), pruning + continued training (+ saving the round's
+model) and held-out evaluation; the job's own start-up (load, references) is the rest.
 
 Both sides compress the first --layers decoder layers (default all) of the same model
 (float32; transformers' LlamaForCausalLM loaded from the same GGUF file) with the same
@@ -125,6 +132,43 @@ def compare(cases: dict, description: str, default_methods: str, argv=None,
   print(common.table(rows, ("method", "dtm s", "torch s", "torch/dtm", agree_name)))
 
 
+def time_round(argv) -> None:
+  """--round: time the phases of one prune-job round (see the module docstring)."""
+  import json
+  import subprocess
+  import tempfile
+  import time
+  p = argparse.ArgumentParser(description="one prune round, timed by phase")
+  p.add_argument("--round", action="store_true")
+  p.add_argument("--workdir", default="", help="fresh directory (default: a temporary one)")
+  p.add_argument("overrides", nargs="*", help="extra --config.* flags of configs/prune.py")
+  args = p.parse_args(argv)
+  workdir = args.workdir or tempfile.mkdtemp(prefix="bench-prune-round-")
+  if os.path.exists(os.path.join(workdir, "rounds.jsonl")):
+    sys.exit(f"{workdir} already holds a prune run; give a fresh --workdir")
+  print(f"CPU: {common.cpu_model()}, {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.2f}")
+  cmd = [sys.executable, os.path.join(_ROOT, "main.py"), "--config=configs/prune.py",
+         f"--workdir={workdir}", "--config.prune.max_rounds=1", *args.overrides]
+  print("+", " ".join(cmd), flush=True)
+  t0 = time.perf_counter()
+  subprocess.run(cmd, cwd=_ROOT, check=True)
+  total = time.perf_counter() - t0
+  with open(os.path.join(workdir, "rounds.jsonl")) as f:
+    base, rec = [json.loads(line) for line in f][:2]
+  ph = rec["phase_seconds"]
+  rows = [("held-out evaluation of F (round 0)", f"{base['seconds']:.1f}"),
+          (f"round 1 selection ({rec['num_candidates']} candidate probes)",
+           f"{ph['selection']:.1f}"),
+          ("round 1 prune + continued training + save", f"{ph['prune_and_train']:.1f}"),
+          ("round 1 held-out evaluation", f"{ph['evaluation']:.1f}"),
+          ("whole job (incl. load, references, compilation)", f"{total:.1f}")]
+  print(f"round 1: +{len(rec['chosen'])} increments, sparsity {rec['sparsity']:.4f}")
+  print(common.table(rows, ("phase", "seconds")))
+
+
 if __name__ == "__main__":
+  if "--round" in sys.argv[1:]:
+    time_round(sys.argv[1:])
+    sys.exit(0)
   compare(CASES, "dtm vs reference pruning pipelines (Wanda, SparseGPT)",
           ",".join(CASES))

@@ -14,6 +14,19 @@ SHARED = REPO.parent / "shared"
 WIKITEXT_RAW = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
+# The longest files first (measured 2026-12-02): the suite runs under pytest-xdist with
+# `-n 2 --dist loadfile` (one file per worker at a time, so module fixtures are built once),
+# and a long file collected last would leave one worker running alone at the end.
+HEAVY_FIRST = ("test_train_job.py", "test_prune_job.py", "test_reference_pipelines.py",
+               "test_probe.py", "test_evaluate.py", "test_lm_eval.py", "test_train_recovery.py",
+               "test_prune_compare.py", "test_quantize_job.py", "test_compare_job.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
 def torch_or_skip():
   """Import torch + transformers' Llama, or skip with a visible reason."""
   return pytest.importorskip(

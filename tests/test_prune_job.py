@@ -81,7 +81,8 @@ def rounds(workdir) -> list[dict]:
 
 
 def without_timing(records: list[dict]) -> list[dict]:
-  return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+  return [{k: v for k, v in r.items() if k not in ("seconds", "phase_seconds")}
+          for r in records]
 
 
 @pytest.fixture(scope="module")

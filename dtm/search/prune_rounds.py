@@ -366,7 +366,9 @@ def run(ctx: Context, s: PruneSettings, workdir: str,
     chosen = choose(results, s.k, s.alpha)
     next_level = dict(cands)
     new_levels = {**levels, **{cm: next_level[cm] for cm in chosen}}
+    t_train = time.perf_counter()
     new_params = _prune_and_train(ctx, params, spec_of(new_levels), r, rdir)
+    t_eval = time.perf_counter()
     if new_params is None:
       bar.close()
       return rounds.records, None
@@ -374,14 +376,19 @@ def run(ctx: Context, s: PruneSettings, workdir: str,
         k: results[cm][k] for k in (f"fdt_alpha_{s.alpha:g}", "fdt_mean", "sdt_mean", "dppl")}}
                  for cm in chosen]
     rec = _record(r, new_levels, selection, len(cands), new_params, ctx.heldout, alphas, t_round)
+    rec["phase_seconds"] = {"selection": t_train - t_round, "prune_and_train": t_eval - t_train,
+                            "evaluation": time.perf_counter() - t_eval}
     rounds.append(rec)  # committed: the round's model is already on disk
     _tidy(workdir, r)
     params, levels = new_params, new_levels
     bar.update(1)
     bar.set_postfix(sparsity=f"{rec['sparsity']:.3f}",
                     fdt=f"{rec['heldout'][f'fdt_alpha_{s.alpha:g}']:g}", refresh=True)
+    ph = rec["phase_seconds"]
     print(f"round {r}: +{len(chosen)} increments, sparsity {rec['sparsity']:.4f}, held-out "
-          f"{_eval_line(rec['heldout'])} ({rec['seconds']:.0f} s)", flush=True)
+          f"{_eval_line(rec['heldout'])} ({rec['seconds']:.0f} s: selection "
+          f"{ph['selection']:.0f}, prune + training {ph['prune_and_train']:.0f}, "
+          f"evaluation {ph['evaluation']:.0f})", flush=True)
     if on_round:
       on_round(rec)
   bar.close()
