@@ -4,6 +4,7 @@ PyTorch transcriptions of the reference pipelines (tests/torch_reference.py: loc
 
   .venv/bin/python bench/prune.py [--samples 16] [--length 256] [--layers N]
                                   [--methods 'wanda(0.5),wanda(2,4),sparsegpt(0.5),sparsegpt(2,4)']
+                                  [--dtm-batch 8] [--torch-batches 1,16]
                                   [--torch-threads 2] [--no-torch]
   .venv/bin/python bench/prune.py --round [--workdir DIR] [-- --config.prune.k=21 ...]
 
@@ -17,10 +18,13 @@ Both sides compress the first --layers decoder layers (default all) of the same 
 (float32; transformers' LlamaForCausalLM loaded from the same GGUF file) with the same
 calibration windows (`calibration.calibration_windows` of the WikiText-2 validation split,
 --samples x --length tokens, seed 0). dtm: `calibrate_and_compress` of '*@0-{L-1}:<method>'
-with batch 8, one JAX device on all cores; the wall time includes its jit compilation
-(each method compiles once per weight shape). torch: the reference layer loop, one
-sequence per layer call as the references. Prints the CPU, seconds of each, the ratio
-torch / dtm, and the mask agreement of the two results. Timings are only meaningful on an
+with --dtm-batch windows per layer call (default 8, the jobs' calibration.batch_size), one
+JAX device on all cores; the wall time includes its jit compilation (each method compiles
+once per weight shape). torch: the reference layer loop, once per --torch-batches entry:
+1 = one sequence per layer call as the references, 16 = all windows in one call (the
+strongest version of the same work; it changes only the summation order). Prints the
+CPU, seconds of each, the ratios torch / dtm, and the mask agreement of dtm with the
+first torch run. Timings are only meaningful on an
 otherwise idle machine.
 """
 from __future__ import annotations
@@ -76,10 +80,16 @@ def compare(cases: dict, description: str, default_methods: str, argv=None,
   p.add_argument("--length", type=int, default=256)
   p.add_argument("--layers", type=int, default=0, help="first N layers (0: all)")
   p.add_argument("--methods", default=default_methods)
+  p.add_argument("--dtm-batch", type=int, default=8, help="dtm: windows per layer call")
+  p.add_argument("--torch-batches", default="1,16",
+                 help="torch: windows per layer call, one timed run each")
   p.add_argument("--torch-threads", type=int, default=2)
   p.add_argument("--no-torch", action="store_true")
   args = p.parse_args(argv)
   methods = split_methods(args.methods)
+  torch_batches = [int(b) for b in args.torch_batches.split(",") if b.strip()]
+  if not torch_batches or any(args.samples % b for b in torch_batches + [args.dtm_batch]):
+    sys.exit(f"--dtm-batch and --torch-batches must divide --samples={args.samples}")
   unknown = [m for m in methods if m not in cases]
   if unknown:
     sys.exit(f"unknown method(s) {unknown}; choose from {list(cases)}")
@@ -100,36 +110,43 @@ def compare(cases: dict, description: str, default_methods: str, argv=None,
     torch.set_num_threads(args.torch_threads)
     hf = R.load_hf_smollm2(gguf_io.find_smollm2_gguf())
     original = R.snapshot(hf)
+  header = ("method", f"dtm s (batch {args.dtm_batch})",
+            *[c for b in torch_batches for c in (f"torch s (batch {b})", "torch / dtm")],
+            agree_name + f" (torch batch {torch_batches[0]})")
   rows = []
   for method in methods:
     box = {}
 
     def run_dtm():
       box["params"], _ = calibration.calibrate_and_compress(
-          model.cfg, model.params, f"*@0-{layers - 1}:{method}", windows, batch_size=8,
-          progress=True)
+          model.cfg, model.params, f"*@0-{layers - 1}:{method}", windows,
+          batch_size=args.dtm_batch, progress=True)
       jax.block_until_ready(box["params"])
 
     t_dtm = common.timed(run_dtm)
     if hf is None:
-      rows.append((method, f"{t_dtm:.1f}", "-", "-", "-"))
+      rows.append((method, f"{t_dtm:.1f}", *["-"] * (2 * len(torch_batches) + 1)))
       continue
     pipeline, kwargs = cases[method]
-    R.restore(hf, original)
-    t_ref = common.timed(lambda: getattr(R, pipeline)(hf, windows, num_layers=layers, **kwargs))
-    ref = R.linear_weights(hf)
-    same = total = 0
-    for kind in R.KIND_MODULES:
-      kernel = np.asarray(C.get_path(box["params"], kernel_path(kind)))
-      for l in range(layers):
-        same += int(np.sum(equal(kernel[l].T, ref[(l, kind)].numpy())))
-        total += kernel[l].size
-    rows.append((method, f"{t_dtm:.1f}", f"{t_ref:.1f}", f"{t_ref / t_dtm:.2f}",
-                 f"{same / total:.4%}"))
-    print(common.table(rows[-1:], ("method", "dtm s", "torch s", "torch/dtm", agree_name)),
-          flush=True)
+    cells, agree = [], None
+    for b in torch_batches:
+      R.restore(hf, original)
+      t_ref = common.timed(lambda: getattr(R, pipeline)(hf, windows, num_layers=layers,
+                                                        batch_size=b, **kwargs))
+      cells += [f"{t_ref:.1f}", f"{t_ref / t_dtm:.2f}"]
+      if agree is None:
+        ref = R.linear_weights(hf)
+        same = total = 0
+        for kind in R.KIND_MODULES:
+          kernel = np.asarray(C.get_path(box["params"], kernel_path(kind)))
+          for l in range(layers):
+            same += int(np.sum(equal(kernel[l].T, ref[(l, kind)].numpy())))
+            total += kernel[l].size
+        agree = f"{same / total:.4%}"
+    rows.append((method, f"{t_dtm:.1f}", *cells, agree))
+    print(common.table(rows[-1:], header), flush=True)
   print()
-  print(common.table(rows, ("method", "dtm s", "torch s", "torch/dtm", agree_name)))
+  print(common.table(rows, header))
 
 
 def time_round(argv) -> None:
