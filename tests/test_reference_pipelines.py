@@ -142,6 +142,13 @@ class Harness:
     return line
 
 
+def near_one(ppl: float, refs: list[float]) -> bool:
+  """ppl within PPL_RTOL of one of the reference's runs (one-by-one, or batched: both are
+  the reference, differing only in summation order, which alone moves SparseGPT 2:4 over
+  two layers by 2.6 %)."""
+  return min(abs(ppl / r - 1) for r in refs) < PPL_RTOL
+
+
 def agreement(a: dict, b: dict, equal) -> float:
   """Fraction of weights over all (layer, kind) where equal(a, b) holds."""
   same = sum(int(np.sum(equal(a[k], b[k]))) for k in a)
@@ -191,12 +198,13 @@ def test_pruning_matches_reference_pipelines(harness, full, case):
   line = (f"{method} layers 0-{layers - 1}: masks agree {masks:.4%} (layer 0 {first:.4%}), "
           f"sparsity dtm {sparsity:.4f} torch {ref_sparsity:.4f}, ppl dtm {ppl_dtm:.4f} "
           f"torch {ppl_ref:.4f} dense {harness.dense_ppl:.4f}; {t_dtm:.0f} s / {t_ref:.0f} s")
+  refs = [ppl_ref]
   if pipeline == "sparsegpt_sequential":  # the reference against itself
     batched_params, batched_w, _ = harness.torch(pipeline, kwargs, layers,
                                                  batch_size=CAL_SAMPLES)
     floor = agreement(batched_w, ref_w, same_mask)
-    line += (f"; torch batched vs one-by-one: masks {floor:.4%}, ppl "
-             f"{harness.perplexity(batched_params):.4f}")
+    refs.append(harness.perplexity(batched_params))
+    line += f"; torch batched vs one-by-one: masks {floor:.4%}, ppl {refs[-1]:.4f}"
     if full:
       required = floor - 0.005
   assert first >= 0.998, line
@@ -206,7 +214,7 @@ def test_pruning_matches_reference_pipelines(harness, full, case):
     line = harness.spread_check(method, pipeline, kwargs, line)
   else:
     harness.record(line)
-    assert abs(ppl_dtm / ppl_ref - 1) < PPL_RTOL, line
+    assert near_one(ppl_dtm, refs), line
   assert ppl_dtm > harness.dense_ppl, line  # the pruning is not a no-op
 
 
@@ -225,15 +233,16 @@ def test_gptq_matches_reference_pipeline(harness, full, case):
   batched_params, batched_w, _ = harness.torch("gptq_sequential", kwargs, layers,
                                                batch_size=CAL_SAMPLES)
   floor = agreement(batched_w, ref_w, same_value)
+  refs = [ppl_ref, harness.perplexity(batched_params)]
   line = (f"{method} layers 0-{layers - 1}: equal weights {values:.4%} (layer 0 {first:.4%}), "
           f"ppl dtm {ppl_dtm:.4f} torch {ppl_ref:.4f} dense {harness.dense_ppl:.4f}; "
           f"torch batched vs one-by-one: equal weights {floor:.4%}, ppl "
-          f"{harness.perplexity(batched_params):.4f}; {t_dtm:.0f} s / {t_ref:.0f} s")
+          f"{refs[1]:.4f}; {t_dtm:.0f} s / {t_ref:.0f} s")
   assert values >= floor - 0.01, line
   if full:
     line = harness.spread_check(method, "gptq_sequential", kwargs, line)
   else:
     harness.record(line)
-    assert abs(ppl_dtm / ppl_ref - 1) < PPL_RTOL, line
+    assert near_one(ppl_dtm, refs), line
   changed = np.mean([np.mean(dtm_w[k] != harness.original[k].numpy()) for k in dtm_w])
   assert changed > 0.5, line  # quantization moved the weights
