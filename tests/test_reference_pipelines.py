@@ -122,7 +122,6 @@ class Harness:
     self.log.append(line)
     print(line)
 
-
   def spread_check(self, method: str, pipeline: str, kwargs: dict, line: str) -> str:
     """All layers, SPREAD_BATCHES calibration batch sizes on both sides: asserts that the
     mean perplexities (SPREAD_PPL_WINDOWS windows) agree within PPL_RTOL or two standard
