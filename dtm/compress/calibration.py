@@ -53,11 +53,13 @@ import numpy as np
 from tqdm.auto import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dtm import compress as C
 from dtm import data
 from dtm.components import KINDS, Component, kernel_path
 from dtm.errors import DtmError
 from dtm.compress import act_quant
+from dtm.compress.apply import (apply_spec, compress_calibrated, compress_kernel, kernel_shapes,
+                                report_entry, set_kernel_layers)
+from dtm.compress.spec import CALIBRATED_METHODS, HESSIAN_METHODS, Method, Rule, Spec, validate
 from dtm.model import MLP, Attention, DecoderLayer, Linear, Llama
 from dtm.model_config import ModelConfig
 
@@ -327,7 +329,7 @@ def run_layers(cfg: ModelConfig, params, windows, visit, *, batch_size: int = 8,
 # ------------------------------------------------------------------ calibrate and compress
 
 
-def calibrate_and_compress(cfg: ModelConfig, params, spec: str | C.Spec, windows, *,
+def calibrate_and_compress(cfg: ModelConfig, params, spec: str | Spec, windows, *,
                            batch_size: int = 8, mesh: Mesh | None = None, axis: str = "data",
                            progress: bool = False):
   """Apply `spec` layer by layer as the reference implementations do -> (new_params, report).
@@ -340,16 +342,16 @@ def calibrate_and_compress(cfg: ModelConfig, params, spec: str | C.Spec, windows
   names are not run. `report` is `apply_spec`'s. Raises DtmError like `apply_spec`
   (and for a Hessian SparseGPT cannot factorize).
   """
-  num_layers, shapes = C.kernel_shapes(params)
-  spec = C.validate(spec, num_layers, shapes)
+  num_layers, shapes = kernel_shapes(params)
+  spec = validate(spec, num_layers, shapes)
   resolved = spec.resolve(num_layers)
-  by_layer: dict[int, dict[str, C.Method]] = {}
+  by_layer: dict[int, dict[str, Method]] = {}
   for comp, method in resolved.items():
     by_layer.setdefault(comp.layer, {})[comp.kind] = method
-  hessian = any(m.name in C.HESSIAN_METHODS for m in resolved.values())
+  hessian = any(m.name in HESSIAN_METHODS for m in resolved.values())
   new_kernels: dict[str, list[tuple[int, jax.Array]]] = {}
   report: dict[str, dict] = {}
-  activation: dict[Component, C.Method] = {}
+  activation: dict[Component, Method] = {}
 
   def visit(layer, lp, stats):
     lp = dict(lp)
@@ -361,13 +363,13 @@ def calibrate_and_compress(cfg: ModelConfig, params, spec: str | C.Spec, windows
         activation[comp] = method                    # float, the layer output sees them
         lp[module] = {**lp[module], kind: act_quant.layer_leaves(lp[module][kind], method)}
         continue
-      if method.name in C.CALIBRATED_METHODS:
-        new, st = C.compress_calibrated(kernel, method, stats[comp], comp, kernel=True)
+      if method.name in CALIBRATED_METHODS:
+        new, st = compress_calibrated(kernel, method, stats[comp], comp, kernel=True)
       else:
-        new, st = C.compress_kernel(kernel, method)
+        new, st = compress_kernel(kernel, method)
       lp[module] = {**lp[module], kind: {**lp[module][kind], leaf: new}}
       new_kernels.setdefault(kind, []).append((layer, new))
-      report[comp.name] = C.report_entry(method, jax.device_get(st))
+      report[comp.name] = report_entry(method, jax.device_get(st))
     return lp
 
   if by_layer:
@@ -375,9 +377,9 @@ def calibrate_and_compress(cfg: ModelConfig, params, spec: str | C.Spec, windows
                stats_layers=set(by_layer), mesh=mesh, axis=axis, output=False, progress=progress)
   new_params = params
   for kind, items in new_kernels.items():
-    new_params = C.set_kernel_layers(new_params, kind, items)
+    new_params = set_kernel_layers(new_params, kind, items)
   if activation:  # w8a8 / llm_int8: the mode leaves and report entries apply_spec gives
-    new_params, act_report = C.apply_spec(new_params, C.Spec(tuple(
-        C.Rule((c.kind,), (c.layer,), m) for c, m in activation.items())))
+    new_params, act_report = apply_spec(new_params, Spec(tuple(
+        Rule((c.kind,), (c.layer,), m) for c, m in activation.items())))
     report.update(act_report)
   return new_params, dict(sorted(report.items()))

@@ -31,7 +31,7 @@ Failure: if a Cholesky factor is not finite (H not positive definite after dampe
 NaN/inf activations, or a matrix that is not a Gram matrix), the relative dampening is
 retried x10 while it stays <= MAX_DAMP (percdamp 0 retries from 0.01). `sparsegpt`
 returns the dampening used, NaN if every try failed; the caller raises (see
-`dtm.compress.compress_calibrated`), since a jitted function cannot.
+`dtm.compress.apply.compress_calibrated`), since a jitted function cannot.
 """
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from dtm.compress.elementwise import magnitude_cut, nm_rank, num_pruned
 
 PERCDAMP = 0.01    # the reference's default relative dampening
 BLOCKSIZE = 128    # the reference's default block of columns
@@ -98,14 +100,12 @@ def _sorted_at(score: jax.Array, k) -> jax.Array:
   """sort(score.ravel())[k] for non-negative f32 scores (+inf allowed), k traced: the
   value of the (k+1)-th smallest, found by `magnitude_cut`'s counting binary search
   over the float bit patterns (far cheaper than sorting on CPU)."""
-  from dtm.compress import magnitude_cut  # the package imports this module lazily
   index = jnp.arange(score.size, dtype=jnp.int32).reshape(score.shape)
   bits, _ = magnitude_cut(score, index, k + 1)
   return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def _nm_group_pruned(score_Om: jax.Array, n: int, m: int) -> jax.Array:
-  from dtm.compress import nm_rank  # the package imports this module lazily
   return nm_rank(score_Om, m) < m - n
 
 
@@ -113,7 +113,6 @@ def obs_prune(w_OI: jax.Array, u_II: jax.Array, rate: float | None, n: int | Non
               m: int | None, blocksize: int) -> jax.Array:
   """Steps 3-4 of the module doc on f32 W [out, in] (dead columns already zeroed) and
   U [in, in]; returns the pruned, updated f32 W."""
-  from dtm.compress import num_pruned  # the package imports this module lazily
   out_dim, in_dim = w_OI.shape
   bs = _block_width(in_dim, blocksize, m)
   num_blocks = math.ceil(in_dim / bs)

@@ -27,6 +27,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dtm.compress.elementwise import nm_rank, num_pruned
+
 
 def wanda_score(w_OI: jax.Array, sq_norms_I: jax.Array) -> jax.Array:
   """f32 [out, in]: |W_ij| * sqrt(s_j) (the reference's W_metric)."""
@@ -36,7 +38,6 @@ def wanda_score(w_OI: jax.Array, sq_norms_I: jax.Array) -> jax.Array:
 def wanda_pruned(w_OI: jax.Array, sq_norms_I: jax.Array, rate: float | None = None,
                  n: int | None = None, m: int | None = None) -> jax.Array:
   """bool [out, in]: the weights Wanda zeroes (rate, or n and m; see the module doc)."""
-  from dtm.compress import nm_rank, num_pruned  # the package imports this module lazily
   score = wanda_score(w_OI, sq_norms_I)
   if rate is not None:
     return row_lowest(score, num_pruned(rate, w_OI.shape[1]))
