@@ -8,7 +8,8 @@ highest FDT_α, trains `train.steps` steps (KL distillation from the original mo
 evaluates the whole model on held-out prompts. Args (`configs/prune.py:model=llama2-7b`):
 model (see configs.common.MODELS; `smollm2` default: a real SmolLM2 run sized for CPU
 minutes), runlocal / tiny (the tests' CPU-sized run), llama2-7b and llama2-13b pod-sized
-runs (bfloat16 compute, FSDP training, C4).
+runs (bfloat16 compute, FSDP training, C4). Ablations: `sweep()` below; expand and collect
+with launch/sweep.py.
 """
 import ml_collections
 
@@ -138,3 +139,17 @@ def get_config(arg=None):
     ev.ppl.window = 32
     ev.ppl.max_windows = 2
   return config
+
+
+def sweep(add):
+  """Ablation grid for launch/sweep.py: the defaults, then one knob at a time (the README's
+  "FDT-guided pruning" section): increments per round k, a finer ladder, the recovery lr
+  and the training steps per round (0 = no recovery training)."""
+  add({})
+  for k in (14, 84):
+    add({"prune.k": k})
+  add({"prune.ladder": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)})
+  for lr in (5e-6, 2e-4):
+    add({"train.optim.lr": lr})
+  for steps in (0, 16):
+    add({"train.steps": steps})

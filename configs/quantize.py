@@ -4,8 +4,9 @@ quantized with held-out FDT_α >= bound, for FDT-, DPPL-, KL-ranked and random o
   python main.py --config=configs/quantize.py --workdir=runs/quant-smollm2
   python main.py --config=configs/quantize.py:model=llama2-7b --workdir=runs/quant-7b
 
-Args: model (configs.common.MODELS); runlocal (tiny CPU run for tests); mixed (stages
-int4 group-wise, then int8 for the rest).
+Args: model (configs.common.MODELS); runlocal (tiny CPU run for tests: 3-bit AbsMax on the
+first three layers, about a minute on 2 cores); mixed (stages int4 group-wise, then int8 for
+the rest). Ablations: `sweep()` below; expand and collect with launch/sweep.py.
 """
 import ml_collections
 
@@ -68,15 +69,28 @@ def get_config(arg=None):
     config.data.data_files = ""
     config.prompts.num = 64
   if arg.runlocal:
-    config.data.source = "default"
-    config.data.data_files = ""
+    # Held-out and selection prompts are windows of the same WikiText-2 stream drawn with
+    # prompts.seed and search.selection_seed (4 of the 64 shipped default prompts, one per
+    # document, drawn twice would overlap by chance).
+    config.data.max_docs = 400
     config.prompts.num = 4
     config.prompts.length = 12
     config.prompts.new_tokens = 8
     config.prompts.batch_size = 4
     s.bounds = (6.0,)
     s.levels = (3,)
+    # The first three layers (21 SmolLM2 components; all of the tests' 3-layer model).
+    s.layers = "0-2"
     config.calibration.samples = 4
     config.calibration.length = 16
     config.calibration.batch_size = 4
   return config
+
+
+def sweep(add):
+  """Ablation grid for launch/sweep.py: every run searches all four rankings at three bounds
+  (collected as one row per ranking and bound); the runs vary the stages of AbsMax per group
+  of 64: int8, int4, and int4 where the bound allows, then int8."""
+  for levels in ((8,), (4,), (4, 8)):
+    add({"search.levels": levels, "search.method_args": "granularity=group,group_size=64",
+         "search.bounds": (8.0, 16.0, 24.0)})

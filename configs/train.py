@@ -7,7 +7,8 @@ distillation from the original model, AC/DC, orbax resume, TensorBoard.
 Args (`configs/train.py:model=llama2-7b,runlocal`): model (see configs.common.MODELS),
 runlocal (a CPU-sized run for tests). Variants: `smollm2` (default; WikiText-2 valid
 tokens for training, WikiText-2 raw test for the held-out evaluation), `llama2-7b`
-(bfloat16 compute, FSDP over all devices, remat, C4 streamed).
+(bfloat16 compute, FSDP over all devices, remat, C4 streamed). Ablations: `sweep()` below;
+expand and collect with launch/sweep.py.
 """
 import ml_collections
 
@@ -177,3 +178,18 @@ def get_config(arg=None):
     config.calibration.length = 32
     config.calibration.batch_size = 4
   return config
+
+
+def sweep(add):
+  """Ablation grid for launch/sweep.py: the defaults, then one knob at a time (the README's
+  "Continued training" section): distillation weight alpha (0 = CE only), temperature tau,
+  peak learning rate, divergence-aware weighting beta."""
+  add({})
+  for alpha in (0.0, 0.5):
+    add({"train.objective.alpha": alpha})
+  for temperature in (2.0, 4.0):
+    add({"train.objective.temperature": temperature})
+  for lr in (5e-5, 1e-3):
+    add({"train.optim.lr": lr})
+  for div_weight in (1.0, 2.0):
+    add({"train.objective.div_weight": div_weight})
