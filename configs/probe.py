@@ -40,6 +40,10 @@ def get_config(arg=None):
   # Probes per device and call (0 = all levels of a component, capped by device memory).
   # Each device of a call runs its own component; see dtm.probe.schedule.
   probe.chunk_size = 0
+  # Devices per tensor-parallel group of the ('probe', 'model') mesh: 1 = every device holds
+  # the whole model (fastest where it fits); >1 splits heads and the MLP over that many
+  # devices (13B on v5e, 70B anywhere). Results are the same for every value.
+  probe.mesh_model = 1
   # Candidates: per component, the largest level whose FDT_alpha >= min_fdt.
   probe.candidate_alpha = 0.9
   # FDT threshold in tokens for candidates (0 = half of prompts.new_tokens).

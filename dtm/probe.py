@@ -23,9 +23,14 @@ Probes of one component form a *chunk*, evaluated on one device:
     attention output, MLP) only at the N continuation rows, and the LM head runs only
     there, one probe at a time.
 
-A call runs one such chunk per device, each on its own component (`Slot`, `schedule`), in a
-`shard_map` over a 1-D device mesh ('probe'); params and the base pass are replicated.
-Results are per-probe, per-prompt `metrics.divergence_stats`.
+A call runs one such chunk per device group, each on its own component (`Slot`,
+`schedule`), in a `shard_map` over the 'probe' axis of a ('probe', 'model') mesh. With a
+'model' axis of size 1 (the default) every device holds a replica of the params and the
+base pass. With 'model' > 1 each group of `model` devices holds one tensor-parallel copy
+(`param_shardings`: attention heads and the MLP hidden dimension split over 'model', the
+XLA partitioner inserting the collectives): the mesh for models that do not fit one chip
+(Llama-2-13B on v5e, 70B anywhere). Results are per-probe, per-prompt
+`metrics.divergence_stats`, the same for every mesh shape (tested).
 
 Shapes: P prompts, c prompt length, N continuation length, S = c + N - 1 fed
 positions, D hidden, V vocab, K probes in a chunk, L layers.
@@ -42,6 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 
 from dtm import compress
 from dtm.components import KINDS, Component, get_path, kernel_path
+from dtm.errors import DtmError
 from dtm.evaluation import final_base, head_stats
 from dtm.model import Llama, apply_layer
 from dtm.model_config import ModelConfig
@@ -278,6 +284,61 @@ def probe_chunk(cfg: ModelConfig, params, h_in_LPSD, layer, kind_index, args_K, 
   return out
 
 
+PROBE_AXIS, MODEL_AXIS = "probe", "model"
+
+
+def base_pass_fn(cfg: ModelConfig, c: int, mesh: Mesh):
+  """The jit of `_base_pass` whose outputs (h_in, HeadBase) are replicated on `mesh`."""
+  return jax.jit(functools.partial(_base_pass, cfg, c=c), out_shardings=NamedSharding(mesh, PS()))
+
+
+def chunk_fn(cfg: ModelConfig, mesh: Mesh, kinds: tuple[str, ...], family: MethodFamily,
+             c: int):
+  """The jitted call that `ProbeRunner` runs (and `dtm.aot` compiles ahead of time): one
+  `probe_chunk` per 'probe' group in a `shard_map` manual over 'probe' only, so params
+  sharded over 'model' stay tensor-parallel inside (XLA partitions the rest).
+
+  Arguments: (params, h_in [L, P, S, D], layer [G] int32, kind [G] int32, args [G, K] f32,
+  targets [P, N], base, sq_norms, kernels [G, K, in, out] | None), G = mesh 'probe' size.
+  """
+  chunk = functools.partial(probe_chunk, cfg, kinds=kinds, family=family, c=c)
+
+  def local(params, h_in, layer_1, kind_1, args_1k, targets, base, sq_norms, kernels_1KIO):
+    kernels = None if kernels_1KIO is None else kernels_1KIO[0]
+    out = chunk(params, h_in, layer_1[0], kind_1[0], args_1k[0], targets, base, sq_norms,
+                kernels)
+    return jax.tree.map(lambda x: x[None], out)
+
+  rep, dev = PS(), PS(PROBE_AXIS)
+  return jax.jit(jax.shard_map(
+      local, mesh=mesh, in_specs=(rep, rep, dev, dev, dev, rep, rep, rep, dev),
+      out_specs=dev, axis_names={PROBE_AXIS}, check_vma=False))
+
+
+def param_pspec(path: tuple[str, ...], shape: tuple[int, ...], model: int) -> PS:
+  """Tensor-parallel layout of one param over 'model' (Megatron): the output features of
+  q, k, v, gate, up [L, D, out] and the input features of o, down [L, in, D] are split, so
+  attention runs head-parallel and the MLP hidden-parallel; embeddings, the LM head and
+  norm scales stay replicated. A dimension the size does not divide stays whole."""
+  if model <= 1 or len(shape) != 3 or path[-1] != "kernel":
+    return PS()
+  kind = path[-2]
+  axis = 2 if kind in ("q", "k", "v", "gate", "up") else 1 if kind in ("o", "down") else None
+  if axis is None or shape[axis] % model:
+    return PS()
+  return PS(*[MODEL_AXIS if a == axis else None for a in range(3)])
+
+
+def param_shardings(mesh: Mesh, params):
+  """NamedSharding per param leaf (arrays or ShapeDtypeStructs) by `param_pspec`."""
+  model = mesh.shape[MODEL_AXIS]
+
+  def one(path, leaf):
+    keys = tuple(getattr(k, "key", str(k)) for k in path)
+    return NamedSharding(mesh, param_pspec(keys, tuple(leaf.shape), model))
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
 @dataclasses.dataclass(frozen=True)
 class Slot:
   """One device's share of a call: probes on one component, with their dynamic args and
@@ -287,8 +348,8 @@ class Slot:
   keys: tuple
 
 
-def schedule(work: dict[Component, list[tuple]], num_devices: int, max_per_device: int
-             ) -> list[list[Slot]]:
+def schedule(work: dict[Component, list[tuple]], num_devices: int, max_per_device: int,
+             uniform: bool = False) -> list[list[Slot]]:
   """Group the probes of one method family into calls of one `Slot` per device.
 
   work: component -> [(key, dynamic arg), ...]. A device runs one component per call (its
@@ -298,12 +359,25 @@ def schedule(work: dict[Component, list[tuple]], num_devices: int, max_per_devic
   idle devices. Slots are ordered by (layer, kind), so a call's devices carry similar work
   (the layers after their own). Returns calls of at most num_devices slots
   (`ProbeRunner.run_slots` pads the last one).
+
+  uniform: every call holds slots of one component only (`ProbeRunner.uniform`: with a
+  'model' axis the groups' collectives sit inside the layer loop and the kind switch, so
+  all groups must take the same branches and trip counts).
   """
   work = {comp: items for comp, items in work.items() if items}
   if not work:
     return []
   most = max(len(items) for items in work.values())
-  spread = max(1, num_devices // len(work))  # devices available to each component
+  spread = num_devices if uniform else max(1, num_devices // len(work))  # devices per component
+  if uniform:
+    k = max(1, min(max_per_device, -(-most // spread)))
+    calls = []
+    for comp in sorted(work):
+      items = work[comp]
+      slots = [Slot(comp, tuple(a for _, a in items[i:i + k]),
+                    tuple(key for key, _ in items[i:i + k])) for i in range(0, len(items), k)]
+      calls += [slots[i:i + num_devices] for i in range(0, len(slots), num_devices)]
+    return calls
   k = max(1, min(max_per_device, -(-most // spread)))
   slots = []
   for comp in sorted(work):
@@ -315,11 +389,13 @@ def schedule(work: dict[Component, list[tuple]], num_devices: int, max_per_devic
 
 
 class ProbeRunner:
-  """Compiles and runs `probe_chunk` once per device in a `shard_map` over the 1-D mesh
-  ('probe',): each device gets its own component and levels (`Slot`); params and the
-  base pass are replicated. One compile per method family covers the component kinds
-  `kinds`. On a CPU host with one JAX device per core (`dtm.cli.set_cpu_devices`) this
-  runs one probe per core, which beats splitting each matmul over the cores."""
+  """Compiles and runs `probe_chunk` once per 'probe' group in a `shard_map` over the
+  'probe' axis of the ('probe', 'model') mesh (`probe_mesh`): each group gets its own
+  component and levels (`Slot`); params are replicated over 'probe' and tensor-parallel
+  over 'model' (`param_shardings`), the base pass replicated. One compile per method family
+  covers the component kinds `kinds`. On a CPU host with one JAX device per core
+  (`dtm.cli.set_cpu_devices`) and 'model' = 1 this runs one probe per core, which beats
+  splitting each matmul over the cores."""
 
   def __init__(self, cfg: ModelConfig, params, seq_PS: np.ndarray, c: int, mesh: Mesh,
                kl: bool = True, kinds: tuple[str, ...] = KINDS, statistics=None):
@@ -329,15 +405,17 @@ class ProbeRunner:
     self.cfg, self.params, self.c, self.mesh = cfg, params, c, mesh
     self.kinds = tuple(kinds)
     self.statistics = statistics
-    self.num_devices = mesh.devices.size
+    self.num_devices = mesh.shape[PROBE_AXIS]  # slots per call
+    self.uniform = mesh.shape[MODEL_AXIS] > 1  # one component per call (`schedule`)
     rep = NamedSharding(mesh, PS())
+    if mesh.shape[MODEL_AXIS] > 1:
+      params = self.params = jax.device_put(params, param_shardings(mesh, params))
     # The base pass is data-parallel over prompts when they divide evenly; its outputs
     # are gathered to every device (each probe needs all prompts).
     p = seq_PS.shape[0]
     seq_sh = NamedSharding(mesh, PS("probe")) if p % self.num_devices == 0 else rep
     seq = jax.device_put(jnp.asarray(seq_PS), seq_sh)
-    base_fn = jax.jit(functools.partial(_base_pass, cfg, c=c), out_shardings=rep)
-    self.h_in, base = base_fn(params, seq)
+    self.h_in, base = base_pass_fn(cfg, c, mesh)(params, seq)
     self.base = base if kl else None
     self.targets = jax.device_put(jnp.asarray(seq_PS[:, c:]), rep)
     self.sq_norms = None
@@ -348,19 +426,7 @@ class ProbeRunner:
   def _fn(self, kinds: tuple[str, ...], family: MethodFamily):
     key = (kinds, family)
     if key not in self._fns:
-      chunk = functools.partial(probe_chunk, self.cfg, kinds=kinds, family=family, c=self.c)
-
-      def local(params, h_in, layer_1, kind_1, args_1k, targets, base, sq_norms,
-                kernels_1KIO):  # one device's slot
-        kernels = None if kernels_1KIO is None else kernels_1KIO[0]
-        out = chunk(params, h_in, layer_1[0], kind_1[0], args_1k[0], targets, base, sq_norms,
-                    kernels)
-        return jax.tree.map(lambda x: x[None], out)
-
-      rep, dev = PS(), PS("probe")
-      self._fns[key] = jax.jit(jax.shard_map(
-          local, mesh=self.mesh, in_specs=(rep, rep, dev, dev, dev, rep, rep, rep, dev),
-          out_specs=dev, check_vma=False))
+      self._fns[key] = chunk_fn(self.cfg, self.mesh, kinds, family, self.c)
     return self._fns[key]
 
   def run_slots(self, family: MethodFamily, slots: list[Slot],
@@ -377,6 +443,9 @@ class ProbeRunner:
       kinds = tuple(sorted({s.component.kind for s in slots}))
       if len(kinds) != 1:
         raise ValueError(f"a {family.name} call takes slots of one kind, got {kinds}")
+    if self.uniform and len({s.component for s in slots}) != 1:
+      raise ValueError("with a 'model' mesh axis a call takes slots of one component "
+                       "(schedule(..., uniform=True))")
     missing = {s.component.kind for s in slots} - set(kinds)
     if missing:
       raise ValueError(f"kinds {sorted(missing)} are not among the compiled kinds {kinds}")
@@ -446,7 +515,8 @@ class ProbeRunner:
     returns host arrays [len(args), ...] in the order of args. Compiles for this kind
     alone."""
     calls = [(family, call) for call in
-             schedule({component: list(enumerate(args))}, self.num_devices, len(args))]
+             schedule({component: list(enumerate(args))}, self.num_devices, len(args),
+                      self.uniform)]
     out = {}
     for slots, outs in self.stream(calls, kinds=(component.kind,)):
       for slot, res in zip(slots, outs):
@@ -470,10 +540,16 @@ def _sq_norm_tables(params, statistics, kinds: tuple[str, ...]) -> dict[str, np.
   return tables
 
 
-def probe_mesh(devices=None) -> Mesh:
-  """1-D mesh ('probe',) over all devices (all hosts after jax.distributed.initialize())."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), ("probe",))
+def probe_mesh(devices=None, model: int = 1) -> Mesh:
+  """('probe', 'model') mesh over all devices (all hosts after jax.distributed.initialize()):
+  len(devices) / model probe groups of `model` devices each (tensor parallel within a
+  group). Raises DtmError if `model` does not divide the device count."""
+  devices = list(jax.devices() if devices is None else devices)
+  if model < 1 or len(devices) % model:
+    raise DtmError(f"probe.mesh_model={model} must be >= 1 and divide the {len(devices)} "
+                   "devices")
+  return Mesh(np.asarray(devices).reshape(len(devices) // model, model),
+              (PROBE_AXIS, MODEL_AXIS))
 
 
 def useful_flops(cfg: ModelConfig, layer: int, p: int, s: int, n: int) -> float:

@@ -129,7 +129,8 @@ def run(config, workdir: str) -> dict:
   if calibrated and config.calibration.mode != "parallel":
     raise DtmError(f"probing {config.probe.method} uses statistics of the original model: "
                    f"set calibration.mode=parallel (got {config.calibration.mode!r})")
-  model = common.load(config)
+  mesh = probe.probe_mesh(model=int(config.probe.mesh_model))
+  model = common.load(config, shardings_fn=_shardings_fn(mesh))
   cfg = model.cfg
   num_layers, shapes = compress.kernel_shapes(model.params)
   probes = plan(config, num_layers, shapes)
@@ -152,7 +153,7 @@ def run(config, workdir: str) -> dict:
           cfg, model.params, windows, mode="parallel", batch_size=config.calibration.batch_size,
           hessian=config.probe.method in compress.HESSIAN_METHODS,
           layers={q.component.layer for q in todo}, progress=True)
-    runner = probe.ProbeRunner(cfg, model.params, seq, c, probe.probe_mesh(), kl=config.kl,
+    runner = probe.ProbeRunner(cfg, model.params, seq, c, mesh, kl=config.kl,
                                kinds=kinds, statistics=statistics)
     per_device = config.probe.chunk_size or auto_chunk(cfg, seq.shape[0], seq.shape[1] - 1,
                                                        len(config.probe.levels))
@@ -160,7 +161,17 @@ def run(config, workdir: str) -> dict:
   return _finish(config, workdir, store, probes, n, is_writer)
 
 
-def _calls(todo: list[Probe], per_device: int, num_devices: int, numel_of, in_dim_of=None):
+def _shardings_fn(mesh):
+  """Load straight into the probe layout when the model is split over 'model' (a model
+  that fits no single device is never materialised whole on one)."""
+  if mesh.shape[probe.MODEL_AXIS] == 1:
+    return None
+  from dtm.model import abstract_params
+  return lambda cfg: probe.param_shardings(mesh, abstract_params(cfg))
+
+
+def _calls(todo: list[Probe], per_device: int, num_devices: int, numel_of, in_dim_of=None,
+           uniform: bool = False):
   """(family, [probe.Slot]) per call; slot keys are the Probes. Precomputed families
   (sparsegpt, gptq) get calls of one kind each."""
   groups: dict[tuple, dict[Component, list]] = {}
@@ -173,7 +184,7 @@ def _calls(todo: list[Probe], per_device: int, num_devices: int, numel_of, in_di
     key = (family, q.component.kind if family.precomputed else None)
     groups.setdefault(key, {}).setdefault(q.component, []).append((q, arg))
   for (family, _), work in groups.items():
-    for slots in probe.schedule(work, num_devices, per_device):
+    for slots in probe.schedule(work, num_devices, per_device, uniform):
       yield family, slots
 
 
@@ -188,7 +199,7 @@ def _run_chunks(runner, todo, per_device, store, alphas, params, is_writer):
   def in_dim_of(kind):
     return int(get_path(params, kernel_path(kind)).shape[1])
 
-  calls = _calls(todo, per_device, runner.num_devices, numel_of, in_dim_of)
+  calls = _calls(todo, per_device, runner.num_devices, numel_of, in_dim_of, runner.uniform)
   for slots, outs in runner.stream(calls, gather=_gather):  # the next call is running
     recs = []
     for slot, out in zip(slots, outs):

@@ -210,7 +210,8 @@ def probe_candidates(cfg, params, seq_PS: np.ndarray, c: int, cands, store: Prob
                                kinds=tuple(sorted({comp.kind for comp, _ in todo})))
     work = {comp: [((comp, lvl), probe.dynamic_arg(MAGNITUDE, lvl, int(np.prod(shapes[comp.kind]))))]
             for comp, lvl in todo}
-    calls = [(MAGNITUDE, slots) for slots in probe.schedule(work, runner.num_devices, 1)]
+    calls = [(MAGNITUDE, slots) for slots in probe.schedule(work, runner.num_devices, 1,
+                                                                   runner.uniform)]
     bar = tqdm(total=len(todo), unit="probe", desc="probes", smoothing=0.1,
                mininterval=0.5 if sys.stderr.isatty() else 30)
     for slots, outs in runner.stream(calls):
