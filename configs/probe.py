@@ -68,6 +68,10 @@ def get_config(arg=None):
     config.data.source = "wikitext-2-raw-v1"
     config.probe.levels = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
     config.prompts.num = 64
+  if arg.model in ("llama2-13b", "llama2-70b"):
+    # A bf16 replica does not fit one chip (13B: 26 GB > v5e's 16 GiB; 70B: 140 GB): four
+    # chips per tensor-parallel probe group (dry run: v5e-16 / v4-32 for 13B, v5p-64 for 70B).
+    config.probe.mesh_model = 4
   if arg.quick:
     config.prompts.num = 8
     config.prompts.length = 32

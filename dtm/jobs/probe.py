@@ -24,7 +24,7 @@ from dtm import compress, io_utils, metrics, probe, report
 from dtm.components import Component, get_path, kernel_path
 from dtm.compress import calibration
 from dtm.errors import DtmError
-from dtm.jobs import common
+from dtm.jobs import common, validate
 from dtm.sweep_store import ProbeStore
 
 log = logging.getLogger("dtm")
@@ -122,6 +122,7 @@ def _gather(out):
 def run(config, workdir: str) -> dict:
   is_writer = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  validate.validate(config)  # every config error before the slow load
   if config.probe.method not in PROBE_METHODS:
     raise DtmError(f"probe.method must be one of {', '.join(PROBE_METHODS)}, got "
                    f"{config.probe.method!r}")

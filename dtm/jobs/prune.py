@@ -20,7 +20,7 @@ import numpy as np
 
 from dtm import checkpoint, compress, convert, evaluation, io_utils
 from dtm.errors import DtmError
-from dtm.jobs import common
+from dtm.jobs import common, validate
 from dtm.jobs.train import training_tokens
 from dtm.search import plots, prune_rounds
 from dtm.train import sharding
@@ -56,6 +56,7 @@ def _check_prompt_blocks(config) -> None:
 def run(config, workdir: str) -> dict | None:
   os.makedirs(workdir, exist_ok=True)
   settings_of(config, None)  # model-independent checks before the slow load
+  validate.validate(config)
   _check_prompt_blocks(config)
   model = common.load(config)
   cfg = model.cfg

@@ -17,7 +17,7 @@ import numpy as np
 
 from dtm import checkpoint, compress, convert, data, evaluation, io_utils
 from dtm.errors import DtmError
-from dtm.jobs import common
+from dtm.jobs import common, validate
 from dtm.train import trainer
 
 log = logging.getLogger("dtm")
@@ -50,7 +50,8 @@ def heldout(config, model, workdir: str) -> tuple[evaluation.HeldOut, dict]:
 
 def run(config, workdir: str) -> dict | None:
   os.makedirs(workdir, exist_ok=True)
-  spec = compress.parse_spec(config.compression)  # syntax errors before the slow load
+  validate.validate(config)  # every config error before the slow load
+  spec = compress.parse_spec(config.compression)
   model = common.load(config)
   tokens = training_tokens(config, model.tokenizer)
   held, eval_settings = heldout(config, model, workdir)

@@ -76,6 +76,12 @@ def acdc_of(tc) -> masks_lib.AcdcSchedule:
 def _check_calibrated(plan, params, acdc) -> None:
   """Calibrated methods in training: pruned ones (wanda, sparsegpt) must come compressed
   and cannot re-derive masks (AC/DC); quantized ones (gptq) cannot be fake-quantized."""
+  check_trainable(plan, acdc)
+  masks_lib.check_precompressed(plan, params)
+
+
+def check_trainable(plan, acdc) -> None:
+  """`_check_calibrated`'s checks that need no weights (gptq, AC/DC with calibrated masks)."""
   cal = masks_lib.calibrated(plan)
   if cal["quantized"]:
     raise DtmError(
@@ -88,11 +94,27 @@ def _check_calibrated(plan, params, acdc) -> None:
         f"train.acdc with {cal['pruned'][0]}: AC/DC re-derives the masks from the current "
         f"weights by the spec's method, which for wanda / sparsegpt needs calibration "
         f"statistics of the current model; use magnitude or nm for AC/DC, or no AC/DC")
-  masks_lib.check_precompressed(plan, params)
 
 
 def validate(tc, mesh, num_tokens: int) -> None:
   """One DtmError per bad training setting, before anything is compiled or written."""
+  validate_settings(tc)
+  dp = sharding.data_parallel_size(mesh)
+  if (tc.batch_size // tc.microbatches) % dp:
+    raise DtmError(f"train.batch_size={tc.batch_size} / microbatches={tc.microbatches} = "
+                   f"{tc.batch_size // tc.microbatches} rows per microbatch is not divisible by "
+                   f"the {dp} data-parallel devices (mesh data={mesh.shape['data']} x "
+                   f"fsdp={mesh.shape['fsdp']})")
+  if data.train_windows(num_tokens, tc.seq_len) < tc.batch_size:
+    raise DtmError(f"not enough training data: {num_tokens} tokens give "
+                   f"{data.train_windows(num_tokens, tc.seq_len)} windows of {tc.seq_len + 1} "
+                   f"tokens, one batch needs {tc.batch_size}; use more data or a smaller "
+                   "batch_size/seq_len")
+
+
+def validate_settings(tc) -> None:
+  """The checks of `validate` that need neither devices nor data (run by every job that
+  trains before its first model pass: `dtm.jobs.validate`)."""
   if tc.steps < 1:
     raise DtmError(f"train.steps must be >= 1, got {tc.steps}")
   if not tc.optim.lr > 0:
@@ -102,15 +124,9 @@ def validate(tc, mesh, num_tokens: int) -> None:
   if tc.batch_size < 1 or tc.seq_len < 1 or tc.microbatches < 1:
     raise DtmError(f"train.batch_size, seq_len and microbatches must be >= 1, got "
                    f"{tc.batch_size}, {tc.seq_len}, {tc.microbatches}")
-  dp = sharding.data_parallel_size(mesh)
   if tc.batch_size % tc.microbatches:
     raise DtmError(f"train.batch_size={tc.batch_size} is not divisible by "
                    f"train.microbatches={tc.microbatches}")
-  if (tc.batch_size // tc.microbatches) % dp:
-    raise DtmError(f"train.batch_size={tc.batch_size} / microbatches={tc.microbatches} = "
-                   f"{tc.batch_size // tc.microbatches} rows per microbatch is not divisible by "
-                   f"the {dp} data-parallel devices (mesh data={mesh.shape['data']} x "
-                   f"fsdp={mesh.shape['fsdp']})")
   o = tc.objective
   if not 0 <= o.alpha <= 1 or not o.temperature > 0 or o.div_weight < 0 or not o.div_margin > 0:
     raise DtmError("train.objective needs 0 <= alpha <= 1, temperature > 0, div_weight >= 0, "
@@ -128,11 +144,6 @@ def validate(tc, mesh, num_tokens: int) -> None:
   if a.dense_warmup >= tc.steps:
     raise DtmError(f"train.acdc.dense_warmup={a.dense_warmup} leaves no compressed step of "
                    f"train.steps={tc.steps}")
-  if data.train_windows(num_tokens, tc.seq_len) < tc.batch_size:
-    raise DtmError(f"not enough training data: {num_tokens} tokens give "
-                   f"{data.train_windows(num_tokens, tc.seq_len)} windows of {tc.seq_len + 1} "
-                   f"tokens, one batch needs {tc.batch_size}; use more data or a smaller "
-                   "batch_size/seq_len")
 
 
 def check_identity(workdir: str, identity: dict) -> None:

@@ -1,0 +1,123 @@
+"""`main.py --dry_run=TARGET` (`dtm.aot`): compile a job for a TPU slice on this CPU host.
+
+  * a tiny model's probe, train and prune jobs compile for a v5e-4 slice (libtpu's
+    topology descriptors, no TPU attached) and write dry_run.json with bytes per device,
+    FLOPs and estimated time; the probe is also compiled on the 2-D ('probe', 'model') mesh;
+  * a job that cannot fit exits 2 naming the function, the bytes needed and the HBM;
+  * bad targets and models get one line and exit 2;
+  * config errors are refused before any model pass (no reference generation, no
+    calibration: the workdir stays empty and the refusal takes seconds).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+import tiny_model
+
+pytest.importorskip("libtpu", reason="the dry run's TPU targets need the tpu extra (libtpu)")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+  """A tiny random Llama (config.json + safetensors; the dry run reads config.json only)."""
+  return tiny_model.write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def run_main(workdir, config: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+         "JAX_PLATFORMS": "cpu", "DTM_JAX_CACHE": ""}
+  cmd = [sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}", *args]
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _payload(workdir) -> dict:
+  with open(os.path.join(workdir, "dry_run.json")) as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize("mesh_model", [1, 2])
+def test_probe_dry_run_on_v5e(tmp_path, tiny_dir, mesh_model):
+  proc = run_main(tmp_path, "configs/probe.py:runlocal", "--dry_run=v5e-4",
+                  f"--config.model={tiny_dir}", "--config.probe.layers=*",
+                  f"--config.probe.mesh_model={mesh_model}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  got = _payload(tmp_path)
+  assert got["target"] == "v5e-4" and got["num_devices"] == 4 and got["fits"]
+  names = [f["name"] for f in got["functions"]]
+  assert names[:2] == ["reference generation", "probe base pass"]
+  assert "probe chunk magnitude" in names
+  for f in got["functions"]:
+    assert f["argument_bytes"] > 0 and f["flops"] > 0 and f["fits"], f
+    assert f["calls"] >= 1 and f["seconds"] > 0
+  chunk = next(f for f in got["functions"] if f["name"] == "probe chunk magnitude")
+  # 2 kinds x 3 layers x 2 levels: 1-D: 6 slots of 2 levels on 4 groups = 2 calls; 2-D:
+  # one component per call, its 2 levels over the 2 groups = 6 calls (`probe.schedule`)
+  assert chunk["calls"] == (2 if mesh_model == 1 else 6)
+  assert "fits" in proc.stdout and "estimated" in proc.stdout
+
+
+def test_train_and_prune_dry_run(tmp_path, tiny_dir):
+  for config, extra in (("configs/train.py:runlocal", ["--config.train.mesh.data=1",
+                                                       "--config.train.mesh.fsdp=-1"]),
+                        ("configs/prune.py:runlocal", [])):
+    extra = extra + ["--config.train.batch_size=4"]  # 4 data-parallel devices
+    workdir = tmp_path / config.split("/")[1].split(".")[0]
+    proc = run_main(workdir, config, "--dry_run=v5e-4", f"--config.model={tiny_dir}", *extra)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = [f["name"] for f in _payload(workdir)["functions"]]
+    assert "train step + teacher" in names and "teacher-forced DTM pass" in names
+  assert "probe chunk magnitude" in names  # prune: the selection probes
+
+
+def test_refused_fit_names_function_and_bytes(tmp_path):
+  """Llama-2-70B probes on a v5e-8 with the 1-D mesh (every chip a whole bf16 replica)."""
+  proc = run_main(tmp_path, "configs/probe.py:model=llama2-70b", "--dry_run=v5e-8",
+                  "--config.probe.mesh_model=1")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  line = proc.stderr.strip().splitlines()[-1]
+  assert line.startswith("error: reference generation does not fit"), line
+  assert "G" in line and "15.75G" in line, line  # the bytes needed and the HBM
+  assert _payload(tmp_path)["fits"] is False  # the table is written before refusing
+
+
+@pytest.mark.parametrize("target, match", [
+    ("v9x-8", "unknown dry-run target"),
+    ("v5e-12", "unknown TPU slice"),
+    ("gpu:h900", "unknown dry-run target"),
+    ("cpu:0", "bad device count"),
+])
+def test_bad_targets(tmp_path, tiny_dir, target, match):
+  proc = run_main(tmp_path, "configs/probe.py:runlocal", f"--dry_run={target}",
+                  f"--config.model={tiny_dir}")
+  assert proc.returncode == 2
+  assert match in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1000:]
+
+
+def test_model_without_architecture(tmp_path):
+  proc = run_main(tmp_path, "configs/probe.py:runlocal", "--dry_run=v5e-4",
+                  f"--config.model={tmp_path}/nowhere")
+  assert proc.returncode == 2
+  assert "no shipped architecture" in proc.stderr and "config.json" in proc.stderr
+
+
+@pytest.mark.parametrize("override, match", [
+    ("--config.compression=q@*:gptq(4)", "cannot be trained with fake quantization"),
+    ("--config.train.steps=-1", "train.steps must be >= 1"),
+])
+def test_train_refusals_before_any_model_pass(tmp_path, override, match):
+  """Tried on SmolLM2 as a new user would: refused in seconds, nothing generated."""
+  start = time.perf_counter()
+  proc = run_main(tmp_path, "configs/train.py", override, timeout=120)
+  seconds = time.perf_counter() - start
+  assert proc.returncode == 2 and match in proc.stderr, proc.stderr[-1000:]
+  assert not os.path.exists(tmp_path / "cache"), "references were generated before refusing"
+  assert not os.path.exists(tmp_path / "ckpt")
+  assert seconds < 60, f"refusal took {seconds:.0f} s"
