@@ -31,6 +31,8 @@ def run_job(config, workdir: str, dry_run: str | None = None, mfu: float = 0.4) 
     if dry_run:
       from dtm.aot import dry_run as dry, targets
       targets.parse_target(dry_run)  # an unknown target fails before JAX starts
+      # executables for topology descriptors cannot be reloaded from the persistent cache
+      os.environ["DTM_JAX_CACHE"] = ""
       setup_jax(cpu_devices=targets.cpu_devices_needed(dry_run) or config.get("cpu_devices"),
                 force_cpu_devices=targets.cpu_devices_needed(dry_run) is not None)
       dry.run(config, os.path.abspath(workdir), dry_run, mfu)
