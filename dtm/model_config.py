@@ -53,10 +53,15 @@ class ModelConfig:
     """Build from an HF config.json dict; raises DtmError for non-Llama models."""
     archs = d.get("architectures") or []
     model_type = d.get("model_type")
+    supported = ", ".join(SUPPORTED_ARCHITECTURES)
+    if model_type is None and (not archs or set(archs) & set(SUPPORTED_ARCHITECTURES)):
+      arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), SUPPORTED_ARCHITECTURES[0])
+      raise DtmError(f"config.json has no model_type (expected 'llama' for {arch}); add "
+                     f"\"model_type\": \"llama\" (dtm supports Llama-family models: {supported})")
     if model_type != "llama" or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
       raise DtmError(
           f"unsupported architecture: model_type={model_type!r}, architectures={archs}; "
-          f"dtm supports Llama-family models ({', '.join(SUPPORTED_ARCHITECTURES)})")
+          f"dtm supports Llama-family models ({supported})")
     if d.get("attention_bias") or d.get("mlp_bias"):
       raise DtmError("unsupported architecture: Llama with attention_bias/mlp_bias=True")
     try:

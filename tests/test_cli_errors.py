@@ -134,6 +134,17 @@ def test_unsupported_architecture_config(tmp_path):
                     match=("unsupported architecture", "gpt2", "LlamaForCausalLM"))
 
 
+def test_config_without_model_type_names_the_missing_field(tmp_path):
+  model = tmp_path / "llama-no-type"
+  model.mkdir()
+  (model / "config.json").write_text(json.dumps({
+      "architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 32,
+      "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}))
+  line = assert_user_error(tmp_path, f"--config.model={model}",
+                           match=("no model_type", "expected 'llama' for LlamaForCausalLM"))
+  assert "unsupported architecture" not in line
+
+
 def test_gguf_unknown_architecture(tmp_path):
   path = write_gguf(tmp_path / "falcon.gguf", "falcon")
   assert_user_error(tmp_path, f"--config.model={path}",
