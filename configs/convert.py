@@ -30,7 +30,7 @@ def get_config(arg=None):
   config.export_hf = False
   # Format of <workdir>/hf: 'safetensors' (dense weights) or 'compressed-tensors' (int8 /
   # packed int4 weights + quantization_config, for vLLM and transformers; absmax, rtn,
-  # w8a8: dtm/export/compressed_tensors.py).
+  # gptq (its grids kept while compressing), w8a8: dtm/export/compressed_tensors.py).
   config.export_format = "safetensors"
   # Shard size of exported safetensors files, in MB.
   config.max_shard_mb = 5000

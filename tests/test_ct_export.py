@@ -27,11 +27,12 @@ import pytest
 from conftest import torch_or_skip
 from tests.tiny_model import TINY
 from dtm import compress
-from dtm.compress import act_quant, gptq, int8
+from dtm.compress import act_quant, calibration, gptq, int8
 from dtm.components import Component, get_path
 from dtm.errors import DtmError
 from dtm.export import compressed_tensors as ct
 from dtm.model import Llama, init_params
+from dtm.model_config import ModelConfig
 
 CFG = TINY
 WEIGHT_ONLY = ("attn@*:absmax(8); gate,up@*:rtn(4,32,sym=True); down@0,2:absmax(4,granularity=group,"
@@ -173,3 +174,139 @@ def test_convert_job_writes_compressed_tensors_and_refuses_what_it_cannot(params
     convert_job.run(config("", export_format="gguf"), str(tmp_path / "bad4"))
   assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir())
                  for d in ("bad1", "bad2", "bad3"))
+
+
+# ---------------------------------------------------------------------------------- GPTQ
+
+# hidden 128, MLP 256, o's input 4 x 32: group_size 128 divides every component's input
+CFG128 = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                     max_position_embeddings=128, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def gptq_setup():
+  """(params, calibration statistics of every component) of the g128-sized tiny Llama."""
+  p = init_params(CFG128, seed=3)
+  windows = np.random.default_rng(1).integers(0, CFG128.vocab_size, (8, 32))
+  return p, calibration.collect_statistics(CFG128, p, windows, batch_size=4)
+
+
+def _hf_logits_decompressed(directory, dense_dir, tokens):
+  """transformers' float Llama (from `dense_dir`) whose quantized modules hold the weights
+  that compressed-tensors' own PackedQuantizationCompressor decompresses from the export
+  in `directory` -> (logits, {module: decompressed weight})."""
+  torch = torch_or_skip()
+  pytest.importorskip("compressed_tensors")
+  import transformers
+  from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+  from compressed_tensors.quantization import QuantizationScheme
+  from safetensors.numpy import load_file
+  qconfig = json.loads((directory / "config.json").read_text())["quantization_config"]
+  tensors = load_file(str(directory / "model.safetensors"))
+  model = transformers.AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
+  weights = {}
+  for group in qconfig["config_groups"].values():
+    scheme = QuantizationScheme(targets=group["targets"], weights=group["weights"],
+                                format=group["format"])
+    for module in group["targets"]:
+      state = {k[len(module) + 1:]: torch.from_numpy(v) for k, v in tensors.items()
+               if k.startswith(module + ".")}
+      weights[module] = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+      model.get_submodule(module).weight.data.copy_(weights[module])
+  with torch.no_grad():
+    return model(torch.tensor(tokens)).logits.numpy(), weights
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_4bit_g128_export_matches_dtm(gptq_setup, tokens, tmp_path, sym, act_order):
+  """transformers loads symmetric pack-quantized; asymmetric goes through the package's
+  decompressor (transformers 5.25 still expects an unpacked zero point)."""
+  from dtm import convert
+  params, stats = gptq_setup
+  spec = f"*@*:gptq(4,128,act_order={act_order},sym={sym})"
+  grids = {}
+  pc, _ = compress.apply_spec(params, spec, calibration=stats, grids=grids)
+  plain, _ = compress.apply_spec(params, spec, calibration=stats)
+  assert jax.tree.all(jax.tree.map(np.array_equal, pc, plain))  # keeping grids changes nothing
+  assert len(grids) == 7 * CFG128.num_layers
+  qconfig = ct.export(str(tmp_path / "ct"), CFG128, params, spec, compressed_params=pc,
+                      grids=grids)
+  (group,) = qconfig["config_groups"].values()
+  assert group["format"] == "pack-quantized" and group["weights"]["group_size"] == 128
+  assert group["weights"].get("actorder") == ("weight" if act_order else None)
+  want = np.asarray(Llama(CFG128).apply({"params": pc}, jnp.asarray(tokens)))
+  assert np.abs(want - np.asarray(Llama(CFG128).apply({"params": params}, jnp.asarray(tokens)))
+                ).max() > 1e-2  # the quantization is visible
+  if sym:
+    got = _hf_logits(str(tmp_path / "ct"), tokens)
+  else:
+    convert.export_hf(params, CFG128, str(tmp_path / "dense"))  # float: every module replaced
+    got, weights = _hf_logits_decompressed(tmp_path / "ct", str(tmp_path / "dense"), tokens)
+    comp = Component(1, "down")
+    np.testing.assert_array_equal(weights[comp.hf_name[:-len(".weight")]].numpy(),
+                                  np.asarray(get_path(pc, comp.param_path)[1]).T)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_gptq_8bit_sequential_export_and_refusals(gptq_setup, tokens, tmp_path):
+  """gptq(8) per channel and g128 through calibrate_and_compress, pack-quantized 8-bit,
+  loaded by transformers; dynamic act-order groups and missing grids are refused."""
+  params, _ = gptq_setup
+  spec = "attn@*:gptq(8,sym=True); mlp@*:gptq(8,128,act_order=True,sym=True)"
+  windows = np.random.default_rng(1).integers(0, CFG128.vocab_size, (8, 32))
+  grids = {}
+  pc, _ = calibration.calibrate_and_compress(CFG128, params, spec, windows, batch_size=4,
+                                             grids=grids)
+  assert grids[Component(0, "q")].scale.shape == (CFG128.hidden_size, 1)
+  qconfig = ct.export(str(tmp_path), CFG128, params, spec, compressed_params=pc, grids=grids)
+  assert {g["format"] for g in qconfig["config_groups"].values()} == {"pack-quantized"}
+  np.testing.assert_allclose(_hf_logits(str(tmp_path), tokens),
+                             np.asarray(Llama(CFG128).apply({"params": pc}, jnp.asarray(tokens))),
+                             rtol=0, atol=1e-5)
+  with pytest.raises(DtmError, match="no GPTQ grid for L00.q"):
+    ct.export(str(tmp_path / "never"), CFG128, params, spec, compressed_params=pc,
+              grids={c: g for c, g in grids.items() if c != Component(0, "q")})
+  with pytest.raises(DtmError, match="static_groups=True"):
+    ct.export(str(tmp_path / "never"), CFG128, params,
+              "q@0:gptq(4,128,act_order=True,static_groups=False)", compressed_params=pc,
+              grids=grids)
+  bad = grids[Component(0, "up")]
+  down = grids[Component(0, "down")]  # [128, 256]: two groups
+  with pytest.raises(DtmError, match="grid of L00.down has shapes"):  # another method's grid
+    ct.export(str(tmp_path / "never"), CFG128, params, spec, compressed_params=pc,
+              grids={**grids, Component(0, "down"): down._replace(scale=down.scale[:, :1])})
+  assert not (tmp_path / "never").exists()
+  with pytest.raises(DtmError, match="reproduce"):  # a grid that is not the weights'
+    ct.export(str(tmp_path / "bad"), CFG128, params, spec, compressed_params=pc,
+              grids={**grids, Component(0, "up"): bad._replace(scale=bad.scale * 2)})
+  assert not (tmp_path / "bad" / "config.json").exists()
+  assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+
+def test_convert_job_exports_gptq(tmp_path, tokens):
+  """configs/convert.py with a gptq spec and export_format=compressed-tensors: the job keeps
+  the grids of its (sequential) calibration and writes pack-quantized tensors that
+  transformers loads with the logits of the job's own compressed model."""
+  from configs import convert as convert_config
+  from dtm import checkpoint, convert, data
+  from dtm.jobs import convert as convert_job
+  model_dir = str(tmp_path / "model")
+  convert.export_hf(init_params(CFG, seed=3), CFG, model_dir)
+  c = convert_config.get_config("runlocal")
+  c.model, c.compression, c.export_hf = model_dir, "q,down@0:gptq(4,32,sym=True)", True
+  c.export_format = "compressed-tensors"
+  c.calibration.jsonl = str(tmp_path / "calib.jsonl")
+  data.write_prompt_jsonl(c.calibration.jsonl, np.random.default_rng(2).integers(
+      0, CFG.vocab_size, (c.calibration.samples, c.calibration.length)))
+  convert_job.run(c, str(tmp_path / "out"))
+  qconfig = json.loads((tmp_path / "out" / "hf" / "config.json").read_text())["quantization_config"]
+  (group,) = qconfig["config_groups"].values()
+  assert sorted(group["targets"]) == ["model.layers.0.mlp.down_proj",
+                                      "model.layers.0.self_attn.q_proj"]
+  saved = checkpoint.restore_params(str(tmp_path / "out"), CFG)  # the job's orbax model
+  want = _dtm_logits(saved, tokens)
+  assert np.abs(want - _dtm_logits(init_params(CFG, seed=3), tokens)).max() > 1e-3
+  np.testing.assert_allclose(_hf_logits(str(tmp_path / "out" / "hf"), tokens), want,
+                             rtol=0, atol=1e-5)

@@ -245,3 +245,74 @@ def test_gptq_matches_reference_pipeline(harness, full, case):
     assert near_one(ppl_dtm, refs), line
   changed = np.mean([np.mean(dtm_w[k] != harness.original[k].numpy()) for k in dtm_w])
   assert changed > 0.5, line  # quantization moved the weights
+
+
+# ---------------------------------------------------------------------------------- OWL
+OWL_SPARSITY, OWL_LAMDA, OWL_M = 0.5, 0.08, 5.0
+
+
+def dtm_owl_rates(harness) -> np.ndarray:
+  """dtm's per-layer OWL sparsities from the dense model's statistics (all layers)."""
+  from dtm.compress import owl
+  from dtm.components import all_components
+  cfg = harness.model.cfg
+  stats = calibration.collect_statistics(cfg, harness.model.params, harness.windows,
+                                         hessian=False)
+  method = C.Method("owl", {"rate": OWL_SPARSITY, "lamda": OWL_LAMDA, "m": OWL_M})
+  rates, _ = owl.allocate(harness.model.params, stats, all_components(cfg.num_layers), method)
+  return np.asarray([rates[l] for l in range(cfg.num_layers)])
+
+
+@pytest.fixture(scope="module")
+def owl_rates(harness):
+  """(dtm's rates, the reference's rates) of the first half of OWL on the same windows."""
+  R.restore(harness.hf, harness.original)
+  density = R.owl_layer_ratios(harness.hf, harness.windows, OWL_SPARSITY, OWL_LAMDA, OWL_M)
+  return dtm_owl_rates(harness), 1 - density
+
+
+def test_owl_layer_rates_match_reference(owl_rates):
+  ours, ref = owl_rates
+  line = f"OWL rates dtm {np.round(ours, 5).tolist()} ref {np.round(ref, 5).tolist()}"
+  print(line)
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6, err_msg=line)
+  assert abs(np.mean(ours) - OWL_SPARSITY) < 1e-9  # the layers average the target
+  assert np.ptp(ours) == pytest.approx(2 * OWL_LAMDA)  # spread over 2 lamda
+  assert np.ptp(ours) > 0.1  # a real spread: the layers differ in outlier share
+
+
+OWL_CASES = [
+    pytest.param("wanda", "prune_wanda_outlier", id="owl-wanda"),
+    pytest.param("sparsegpt", "prune_sparsegpt_outlier", id="owl-sparsegpt",
+                 marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("operator, pipeline", OWL_CASES)
+def test_owl_matches_reference_pipeline(harness, owl_rates, operator, pipeline):
+  """All 30 layers (OWL's rates depend on every layer): rates as above, masks >= 99 %
+  equal, perplexity within 1 %."""
+  layers = harness.model.cfg.num_layers
+  method = (f"owl({OWL_SPARSITY},method={operator},lamda={OWL_LAMDA},m={OWL_M:g})")
+  dtm_params, dtm_w, t_dtm = harness.dtm(method, layers)
+  R.restore(harness.hf, harness.original)
+  start = time.perf_counter()
+  ref_rates = getattr(R, pipeline)(harness.hf, harness.windows, OWL_SPARSITY, OWL_LAMDA, OWL_M)
+  t_ref = time.perf_counter() - start
+  ref_w = {k: w.numpy().copy() for k, w in R.linear_weights(harness.hf).items()}
+  ref_params = harness.model.params
+  for kind in R.KIND_MODULES:
+    ref_params = C.set_kernel_layers(ref_params, kind, [(l, jnp.asarray(ref_w[(l, kind)].T))
+                                                        for l in range(layers)])
+  masks = agreement(dtm_w, ref_w, same_mask)
+  ppl_dtm, ppl_ref = harness.perplexity(dtm_params), harness.perplexity(ref_params)
+  per_layer = np.asarray([np.mean([np.mean(dtm_w[(l, k)] == 0) for k in R.KIND_MODULES])
+                          for l in range(layers)])
+  line = (f"{method}: masks agree {masks:.4%}, ppl dtm {ppl_dtm:.4f} torch {ppl_ref:.4f} "
+          f"dense {harness.dense_ppl:.4f}; {t_dtm:.0f} s / {t_ref:.0f} s")
+  harness.record(line)
+  np.testing.assert_allclose(owl_rates[0], ref_rates, atol=1e-6, err_msg=line)
+  # each layer pruned at its own rate (per output row / block: within one weight a row)
+  np.testing.assert_allclose(per_layer, ref_rates, atol=2e-3, err_msg=line)
+  assert masks >= 0.99, line
+  assert abs(ppl_dtm / ppl_ref - 1) < 0.01, line

@@ -4,6 +4,8 @@ on a transformers `LlamaForCausalLM` (in place, float32):
   * locuslab/wanda `prune_wanda` (lib/prune.py, `WrappedGPT.add_batch`),
   * IST-DASLab/sparsegpt `llama_sequential` (llama.py, `SparseGPT.add_batch` /
     `fasterprune`),
+  * luuyin/OWL `prune_wanda_outlier` / `prune_sparsegpt_outlier` (lib/prune_all.py):
+    per-layer rates from the dense model's outlier ratios, then the two pipelines above,
   * IST-DASLab/gptq `llama_sequential` (llama.py, `GPTQ.add_batch` / `fasterquant`,
     `Quantizer.find_params` / `quantize` of quant.py), without --true-sequential: all seven
     linears of a layer get their Hessians in one pass of the original layer, as dtm's
@@ -343,6 +345,80 @@ def gptq_sequential(model, windows_NT, bits: int, groupsize: int = -1, actorder:
              lambda lin, s, kind: gptq_fasterquant_(lin, s.H, bits, groupsize, actorder,
                                                     static_groups, sym, percdamp, blocksize),
              progress, **loop)
+
+
+# ---------------------------------------------------------------------------------- OWL
+
+
+def check_outlier_mean(mask, threshold: float) -> float:
+  """luuyin/OWL lib/prune_all.py check_outlier_mean: % of entries above threshold * mean."""
+  count = (mask > torch.mean(mask) * threshold).sum().item()
+  return float(count) / mask.numel() * 100
+
+
+@torch.no_grad()
+def owl_layer_ratios(model, windows_NT, sparsity_ratio: float, lamda: float = 0.08,
+                     hyper_m: float = 5.0, kinds: tuple[str, ...] = tuple(KIND_MODULES)
+                     ) -> np.ndarray:
+  """The first half of luuyin/OWL `prune_wanda_outlier` / `prune_sparsegpt_outlier`: the
+  dense layers run one sequence at a time (the model is not modified), each layer's Wanda
+  metrics |W| * sqrt(scaler_row) of its linears are concatenated and their outlier ratio
+  taken (`check_outlier_mean`); then the ratios are spread over 2 * lamda around
+  1 - sparsity_ratio. Returns `all_layer_ratio` (densities per layer, float64)."""
+  inps, kwargs = layer0_inputs(model, windows_NT)
+  all_layer_ratio = []
+  for layer in model.model.layers:
+    subset = {kind: layer.get_submodule(KIND_MODULES[kind]) for kind in kinds}
+    wrapped = {kind: ScalerRow(lin.in_features) for kind, lin in subset.items()}
+    hooks = [lin.register_forward_hook(lambda mod, inp, out, s=wrapped[kind]: s.add_batch(inp[0]))
+             for kind, lin in subset.items()]
+    for j in range(inps.shape[0]):
+      _layer_out(layer, inps[j:j + 1], kwargs)
+    for h in hooks:
+      h.remove()
+    layer_wmetric = [torch.abs(subset[k].weight.data)
+                     * torch.sqrt(wrapped[k].scaler_row.reshape((1, -1))) for k in subset]
+    outs = torch.cat([_layer_out(layer, inps[j:j + 1], kwargs) for j in range(inps.shape[0])])
+    inps = outs
+    layer_wmetric = torch.cat([torch.flatten(x.cpu()) for x in layer_wmetric])
+    all_layer_ratio.append(check_outlier_mean(layer_wmetric, hyper_m))
+  all_layer_ratio = np.array(all_layer_ratio)
+  all_layer_ratio = ((all_layer_ratio - all_layer_ratio.min())
+                     * (1 / (all_layer_ratio.max() - all_layer_ratio.min()) * lamda * 2))
+  return all_layer_ratio - np.mean(all_layer_ratio) + (1 - sparsity_ratio)
+
+
+def prune_wanda_outlier(model, windows_NT, sparsity_ratio: float, lamda: float = 0.08,
+                        hyper_m: float = 5.0, progress=None, **loop) -> np.ndarray:
+  """luuyin/OWL `prune_wanda_outlier` (unstructured): the layer densities, then
+  prune_wanda's loop with layer i at 1 - all_layer_ratio[i] (0.01 where <= 0), in place.
+  Returns the per-layer sparsities used."""
+  density = owl_layer_ratios(model, windows_NT, sparsity_ratio, lamda, hyper_m)
+  rates = [1 - d if 1 - d > 0 else 0.01 for d in density]
+  layer_of = {}
+  for i, layer in enumerate(model.model.layers):
+    for path in KIND_MODULES.values():
+      layer_of[id(layer.get_submodule(path))] = i
+  sequential(model, windows_NT, ScalerRow,
+             lambda lin, s, kind: wanda_prune_(lin, s.scaler_row, rates[layer_of[id(lin)]]),
+             progress, **loop)
+  return np.asarray(rates)
+
+
+def prune_sparsegpt_outlier(model, windows_NT, sparsity_ratio: float, lamda: float = 0.08,
+                            hyper_m: float = 5.0, progress=None, **loop) -> np.ndarray:
+  """luuyin/OWL `prune_sparsegpt_outlier` (unstructured): the layer densities, then
+  SparseGPT's llama_sequential with layer i at 1 - all_layer_ratio[i]. Returns the rates."""
+  density = owl_layer_ratios(model, windows_NT, sparsity_ratio, lamda, hyper_m)
+  rates = [1 - d if 1 - d > 0 else 0.01 for d in density]
+  layer_of = {}
+  for i, layer in enumerate(model.model.layers):
+    for path in KIND_MODULES.values():
+      layer_of[id(layer.get_submodule(path))] = i
+  sequential(model, windows_NT, Hessian,
+             lambda lin, s, kind: sparsegpt_fasterprune_(lin, s.H, rates[layer_of[id(lin)]]),
+             progress, **loop)
+  return np.asarray(rates)
 
 
 # ------------------------------------------------------------------------------- helpers

@@ -5,6 +5,7 @@ The face of the package (re-exports only); the code lives by concern:
   elementwise.py   the uncalibrated per-matrix methods: magnitude, nm, absmax, rtn, identity
   apply.py         compress / compress_calibrated one matrix, apply_spec a whole params tree
   wanda.py, sparsegpt.py, gptq.py   calibrated methods; calibration.py collects their statistics
+  owl.py           the OWL allocation (per-layer rates of wanda / sparsegpt / magnitude)
   int8.py, act_quant.py             run-time activation quantization (w8a8, llm_int8)
 """
 # The component naming and three private helpers (used by dtm.train.masks and dtm.probe) are
@@ -18,4 +19,4 @@ from dtm.compress.elementwise import (
     nm_rank, num_pruned, prune_lowest, prune_rank, prune_rank_kernel, rtn)
 from dtm.compress.spec import (
     CALIBRATED_METHODS, GRANULARITIES, HESSIAN_METHODS, IDENTITY, KIND_GROUPS, METHOD_NAMES, Method,
-    Rule, Spec, parse_method, parse_rule, parse_spec, validate)
+    Rule, Spec, needs_hessian, parse_method, parse_rule, parse_spec, validate)

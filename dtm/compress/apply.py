@@ -20,6 +20,7 @@ import numpy as np
 from dtm.components import KINDS, Component, get_path, kernel_path
 from dtm.compress import act_quant
 from dtm.compress import gptq as gptq_lib
+from dtm.compress import owl
 from dtm.compress import sparsegpt as sparsegpt_lib
 from dtm.compress import wanda as wanda_lib
 from dtm.compress.elementwise import _dtype_bits, _stats, absmax, identity, magnitude, nm, rtn
@@ -69,7 +70,7 @@ def compress(w_OI: jax.Array, method: Method):
 
 
 def compress_calibrated(w_OI: jax.Array, method: Method, stats, component: Component | None = None,
-                        *, kernel: bool = False):
+                        *, kernel: bool = False, keep_grid: bool = False):
   """Apply a method of CALIBRATED_METHODS to one HF weight [out, in] -> (w', stats dict).
 
   `stats` holds the statistics of the weight's input over the calibration tokens
@@ -77,7 +78,8 @@ def compress_calibrated(w_OI: jax.Array, method: Method, stats, component: Compo
   (Wanda) and `hessian` f32 [in, in] (SparseGPT, GPTQ). The stats dict is `compress`'s
   (for gptq 'bits' = bits) plus, for sparsegpt and gptq, 'damp' (f32 [], the relative
   dampening used). kernel=True: `w_OI` is
-  a Flax kernel [in, out] instead, and so is w'.
+  a Flax kernel [in, out] instead, and so is w'. keep_grid=True: a gptq stats dict also
+  holds 'grid', its `gptq.Grid` (device arrays, HF layout whatever `kernel` is).
   Not traceable: a Hessian that SparseGPT or GPTQ cannot factorize even with their
   increased dampening (`sparsegpt.inverse_hessian_factor`, gptq's retries up to
   `gptq.MAX_DAMP`) raises DtmError naming `component` and the dampenings tried.
@@ -93,7 +95,8 @@ def compress_calibrated(w_OI: jax.Array, method: Method, stats, component: Compo
     _check_stat(stats, "sq_norms", (in_dim,), what, method)
   # (transposes outside the jit: inside, they double XLA:CPU's compile time of wanda)
   w, out = _calibrated(w_OI.T if kernel else w_OI,
-                       stats.hessian if needs_hessian else stats.sq_norms, method)
+                       stats.hessian if needs_hessian else stats.sq_norms, method,
+                       keep_grid=keep_grid and method.name == "gptq")
   w = w.T if kernel else w
   if "damp" in out and not math.isfinite(float(out["damp"])):
     if method.name == "gptq":
@@ -112,16 +115,19 @@ def compress_calibrated(w_OI: jax.Array, method: Method, stats, component: Compo
   return w, out
 
 
-@functools.partial(jax.jit, static_argnames=("method",))
-def _calibrated(w_OI, stat, method: Method):
+@functools.partial(jax.jit, static_argnames=("method", "keep_grid"))
+def _calibrated(w_OI, stat, method: Method, keep_grid: bool = False):
   """One jit per (shape, method): (w', stats) of a calibrated method; `stat` is the
-  Hessian for HESSIAN_METHODS, the squared norms otherwise."""
+  Hessian for HESSIAN_METHODS, the squared norms otherwise; keep_grid: gptq's
+  stats also hold its `gptq.Grid` under 'grid'."""
   extra = {}
   if method.name == "wanda":
     new = wanda_lib.wanda(w_OI, stat, **method.kwargs)
   elif method.name == "gptq":
     res = gptq_lib.gptq(w_OI, stat, **method.kwargs)
     new, extra["damp"] = res.w, res.damp
+    if keep_grid:
+      extra["grid"] = gptq_lib.grid_of(res)
     return new, {**_stats(new, method.kwargs["bits"]), **extra}
   else:
     new, extra["damp"] = sparsegpt_lib.sparsegpt(w_OI, stat, **method.kwargs)
@@ -174,7 +180,8 @@ def _set_path(tree, path: tuple[str, ...], value):
 
 
 def apply_spec(params, spec: str | Spec, *, batch_size: int | None = None,
-               calibration: Mapping[Component, Any] | None = None):
+               calibration: Mapping[Component, Any] | None = None,
+               grids: dict[Component, gptq_lib.Grid] | None = None):
   """Compress the components selected by `spec` -> (new_params, report).
 
   Pure: the input tree is not modified; untouched leaves are the same arrays. Components
@@ -184,12 +191,17 @@ def apply_spec(params, spec: str | Spec, *, batch_size: int | None = None,
   'sparsity': achieved fraction of exact zeros, 'bits': bits per weight}, ordered by name.
   Raises DtmError if the spec does not fit the model (see `validate`).
 
-  Methods of CALIBRATED_METHODS (wanda, sparsegpt, gptq) need `calibration`: a mapping
+  Methods of CALIBRATED_METHODS (wanda, sparsegpt, gptq, owl) need `calibration`: a mapping
   Component -> input statistics (`calibration.collect_statistics(cfg, params, windows)`,
   every statistic from the original model); they are applied one component at a time
-  and sparsegpt's and gptq's report entries also hold 'damp'. For the reference procedure, where
+  and sparsegpt's and gptq's report entries also hold 'damp'. An owl allocation becomes
+  its per-layer operator (`dtm.compress.owl`, from the same statistics); those entries
+  name it under 'allocation'. For the reference procedure, where
   layer l's statistics come from the already compressed layers < l, use
-  `calibration.calibrate_and_compress`.
+  `calibration.calibrate_and_compress`. `grids`: a dict that receives, for every gptq
+  component, its `gptq.Grid` (integer codes, scales, zero points, group of each input
+  column; host arrays), which an integer export (`dtm.export.compressed_tensors`) writes;
+  None keeps none. The params tree is the same either way.
 
   w8a8 / llm_int8 components keep their float kernel; their kinds get int32 mode and f32
   threshold leaves [L] beside the kernel (`act_quant.attach`), which the model's matmul
@@ -197,10 +209,11 @@ def apply_spec(params, spec: str | Spec, *, batch_size: int | None = None,
   """
   num_layers, shapes = kernel_shapes(params)
   spec = validate(spec, num_layers, shapes)
+  resolved, origin = expand_allocations(spec.resolve(num_layers), params, calibration)
   groups: dict[tuple[str, Method], list[int]] = collections.defaultdict(list)
   calibrated: dict[Component, Method] = {}
   activation: dict[Component, Method] = {}
-  for comp, method in spec.resolve(num_layers).items():
+  for comp, method in resolved.items():
     if method.name in ("w8a8", "llm_int8"):  # activation methods: dtm.compress.act_quant
       activation[comp] = method
     elif method.name in CALIBRATED_METHODS:
@@ -223,7 +236,7 @@ def apply_spec(params, spec: str | Spec, *, batch_size: int | None = None,
       report[Component(layer, kind).name] = {"method": method.to_string(),
                                              "sparsity": float(stats["sparsity"][i]),
                                              "bits": int(stats["bits"][i])}
-  new_params, calibrated_report = _apply_calibrated(new_params, calibrated, calibration)
+  new_params, calibrated_report = _apply_calibrated(new_params, calibrated, calibration, grids)
   report.update(calibrated_report)
   if activation:
     new_params = act_quant.attach(new_params, activation)
@@ -231,7 +244,22 @@ def apply_spec(params, spec: str | Spec, *, batch_size: int | None = None,
                                         dtype=jnp.float32) for c in activation})
     report.update({c.name: {"method": m.to_string(), "sparsity": float(zeros[c]), "bits": 8}
                    for c, m in activation.items()})
+  for comp, allocation in origin.items():
+    report[comp.name]["allocation"] = allocation
   return new_params, dict(sorted(report.items()))
+
+
+def expand_allocations(resolved: Mapping[Component, Method], params, calibration
+                       ) -> tuple[dict[Component, Method], dict[Component, str]]:
+  """Resolved spec with allocation methods (owl) replaced by their per-layer operators,
+  from `calibration` (statistics of the original model) -> (component -> method,
+  component -> the allocation's canonical string, for the report)."""
+  alloc = {c: m for c, m in resolved.items() if owl.is_allocation(m)}
+  if not alloc:
+    return dict(resolved), {}
+  _check_calibration(alloc, calibration)
+  expanded, _ = owl.expand(resolved, params, calibration)
+  return expanded, {c: m.to_string() for c, m in alloc.items()}
 
 
 def _check_calibration(calibrated: Mapping[Component, Method], calibration) -> None:
@@ -280,13 +308,25 @@ def _layer_kernel(kernel_LIO: jax.Array, layer) -> jax.Array:
   return kernel_LIO[layer]
 
 
-def _apply_calibrated(params, calibrated: Mapping[Component, Method], calibration):
-  """Compress each component of `calibrated` with its statistics; one update per kind."""
+def keep_grid(grids: dict | None, comp: Component, stats: dict) -> None:
+  """Move a `compress_calibrated(..., keep_grid=True)` stats dict's 'grid' to the host
+  dict `grids` (apply_spec's argument), under `comp`."""
+  grid = stats.pop("grid", None)
+  if grids is not None and grid is not None:
+    grids[comp] = gptq_lib.Grid(*jax.device_get(tuple(grid)))
+
+
+def _apply_calibrated(params, calibrated: Mapping[Component, Method], calibration,
+                      grids: dict | None = None):
+  """Compress each component of `calibrated` with its statistics; one update per kind;
+  gptq grids go to `grids` unless it is None."""
   by_kind: dict[str, list[tuple[int, jax.Array]]] = collections.defaultdict(list)
   report = {}
   for comp, method in calibrated.items():
     kernel = _layer_kernel(get_path(params, kernel_path(comp.kind)), comp.layer)
-    new, stats = compress_calibrated(kernel, method, calibration[comp], comp, kernel=True)
+    new, stats = compress_calibrated(kernel, method, calibration[comp], comp, kernel=True,
+                                     keep_grid=grids is not None)
+    keep_grid(grids, comp, stats)
     by_kind[comp.kind].append((comp.layer, new))
     report[comp.name] = report_entry(method, jax.device_get(stats))
   for kind, items in by_kind.items():

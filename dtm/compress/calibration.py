@@ -57,9 +57,11 @@ from dtm import data
 from dtm.components import KINDS, Component, kernel_path
 from dtm.errors import DtmError
 from dtm.compress import act_quant
-from dtm.compress.apply import (apply_spec, compress_calibrated, compress_kernel, kernel_shapes,
-                                report_entry, set_kernel_layers)
-from dtm.compress.spec import CALIBRATED_METHODS, HESSIAN_METHODS, Method, Rule, Spec, validate
+from dtm.compress.apply import (apply_spec, compress_calibrated, compress_kernel,
+                                expand_allocations, keep_grid, kernel_shapes, report_entry,
+                                set_kernel_layers)
+from dtm.compress.spec import (CALIBRATED_METHODS, HESSIAN_METHODS, Method, Rule, Spec,
+                               needs_hessian, validate)
 from dtm.model import MLP, Attention, DecoderLayer, Linear, Llama
 from dtm.model_config import ModelConfig
 
@@ -331,7 +333,7 @@ def run_layers(cfg: ModelConfig, params, windows, visit, *, batch_size: int = 8,
 
 def calibrate_and_compress(cfg: ModelConfig, params, spec: str | Spec, windows, *,
                            batch_size: int = 8, mesh: Mesh | None = None, axis: str = "data",
-                           progress: bool = False):
+                           progress: bool = False, grids: dict | None = None):
   """Apply `spec` layer by layer as the reference implementations do -> (new_params, report).
 
   For l = 0..L-1: the statistics of layer l's inputs are taken on the hidden states of the
@@ -339,16 +341,18 @@ def calibrate_and_compress(cfg: ModelConfig, params, spec: str | Spec, windows, 
   spec names is compressed (calibrated methods with those statistics, the others as
   `apply_spec` does), and the compressed layer's output is fed to layer l + 1. The
   Hessian is collected only if a method needs it; layers past the last one the spec
-  names are not run. `report` is `apply_spec`'s. Raises DtmError like `apply_spec`
-  (and for a Hessian SparseGPT cannot factorize).
+  names are not run. `report` is `apply_spec`'s, and so is `grids` (a dict that receives
+  every gptq component's `gptq.Grid`). Raises DtmError like `apply_spec` (and for a
+  Hessian SparseGPT cannot factorize).
   """
   num_layers, shapes = kernel_shapes(params)
   spec = validate(spec, num_layers, shapes)
-  resolved = spec.resolve(num_layers)
+  resolved, origin = _expand_allocations(cfg, params, spec.resolve(num_layers), windows,
+                                         batch_size, mesh, axis, progress)
   by_layer: dict[int, dict[str, Method]] = {}
   for comp, method in resolved.items():
     by_layer.setdefault(comp.layer, {})[comp.kind] = method
-  hessian = any(m.name in HESSIAN_METHODS for m in resolved.values())
+  hessian = any(needs_hessian(m) for m in resolved.values())
   new_kernels: dict[str, list[tuple[int, jax.Array]]] = {}
   report: dict[str, dict] = {}
   activation: dict[Component, Method] = {}
@@ -364,7 +368,9 @@ def calibrate_and_compress(cfg: ModelConfig, params, spec: str | Spec, windows, 
         lp[module] = {**lp[module], kind: act_quant.layer_leaves(lp[module][kind], method)}
         continue
       if method.name in CALIBRATED_METHODS:
-        new, st = compress_calibrated(kernel, method, stats[comp], comp, kernel=True)
+        new, st = compress_calibrated(kernel, method, stats[comp], comp, kernel=True,
+                                      keep_grid=grids is not None)
+        keep_grid(grids, comp, st)
       else:
         new, st = compress_kernel(kernel, method)
       lp[module] = {**lp[module], kind: {**lp[module][kind], leaf: new}}
@@ -382,4 +388,18 @@ def calibrate_and_compress(cfg: ModelConfig, params, spec: str | Spec, windows, 
     new_params, act_report = apply_spec(new_params, Spec(tuple(
         Rule((c.kind,), (c.layer,), m) for c, m in activation.items())))
     report.update(act_report)
+  for comp, allocation in origin.items():
+    report[comp.name]["allocation"] = allocation
   return new_params, dict(sorted(report.items()))
+
+
+def _expand_allocations(cfg, params, resolved, windows, batch_size, mesh, axis, progress):
+  """owl rules -> per-layer operators, from a first pass of the DENSE model over the
+  windows (sq_norms of the allocated layers only), as upstream OWL does before its
+  sequential pruning pass; `apply.expand_allocations`' outputs."""
+  layers = {c.layer for c, m in resolved.items() if m.name == "owl"}
+  if not layers:
+    return dict(resolved), {}
+  stats = collect_statistics(cfg, params, windows, batch_size=batch_size, hessian=False,
+                             layers=layers, mesh=mesh, axis=axis, progress=progress)
+  return expand_allocations(resolved, params, stats)

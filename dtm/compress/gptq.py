@@ -56,6 +56,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from dtm.errors import DtmError
@@ -84,6 +85,27 @@ class QuantResult(NamedTuple):
   g_idx: jax.Array
   perm: jax.Array
   damp: jax.Array
+
+
+class Grid(NamedTuple):
+  """The integer form of one GPTQ-quantized weight [out, in] with G groups per row, kept
+  (on the host) for an integer export: w' = scale[:, g_idx] * (codes - zero[:, g_idx]).
+
+  codes: uint8 [out, in], in 0..2^bits - 1
+  scale: float32 [out, G]
+  zero:  int32 [out, G], the code of w' = 0 (2^(bits-1) everywhere when sym)
+  g_idx: int32 [in], the group of each input column (input column j // group_size unless
+         act_order ran with dynamic groups, static_groups=False)
+  """
+  codes: np.ndarray
+  scale: np.ndarray
+  zero: np.ndarray
+  g_idx: np.ndarray
+
+
+def grid_of(res: QuantResult) -> Grid:
+  """`Grid` of a `QuantResult` as device arrays (codes narrowed to uint8); traceable."""
+  return Grid(res.codes.astype(jnp.uint8), res.scale, res.zero, res.g_idx)
 
 
 # ------------------------------------------------------------------------------------- grid

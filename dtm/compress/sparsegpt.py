@@ -109,10 +109,21 @@ def _nm_group_pruned(score_Om: jax.Array, n: int, m: int) -> jax.Array:
   return nm_rank(score_Om, m) < m - n
 
 
+def block_counts(rate: float, out_dim: int, in_dim: int, blocksize: int) -> tuple[int, int]:
+  """(k of a full block, k of the last block): the scores at or below the k-th smallest
+  of each block of `blocksize` columns are pruned (unstructured; rate > 0)."""
+  bs = _block_width(in_dim, blocksize, None)
+  last_count = in_dim - (math.ceil(in_dim / bs) - 1) * bs
+  return num_pruned(rate, out_dim * bs), num_pruned(rate, out_dim * last_count)
+
+
 def obs_prune(w_OI: jax.Array, u_II: jax.Array, rate: float | None, n: int | None,
-              m: int | None, blocksize: int) -> jax.Array:
+              m: int | None, blocksize: int, ks: tuple[jax.Array, jax.Array] | None = None
+              ) -> jax.Array:
   """Steps 3-4 of the module doc on f32 W [out, in] (dead columns already zeroed) and
-  U [in, in]; returns the pruned, updated f32 W."""
+  U [in, in]; returns the pruned, updated f32 W. ks: (k_full, k_last) int32 scalars that
+  may be traced, replacing `rate` (unstructured; `block_counts(rate, ...)`), so one
+  compiled solve serves every rate (`sparsegpt_levels`)."""
   out_dim, in_dim = w_OI.shape
   bs = _block_width(in_dim, blocksize, m)
   num_blocks = math.ceil(in_dim / bs)
@@ -123,16 +134,18 @@ def obs_prune(w_OI: jax.Array, u_II: jax.Array, rate: float | None, n: int | Non
   w = jnp.pad(w_OI, ((0, 0), (0, pad)))
   u = jnp.pad(u_II, ((0, pad), (0, pad))) + jnp.diag(
       (jnp.arange(padded) >= in_dim).astype(jnp.float32))
-  last_count = in_dim - (num_blocks - 1) * bs
-  k_full = num_pruned(rate, out_dim * bs) if rate else 0
-  k_last = num_pruned(rate, out_dim * last_count) if rate else 0
+  if ks is not None:
+    k_full, k_last = ks
+  else:
+    k_full, k_last = block_counts(rate, out_dim, in_dim, blocksize) if rate else (0, 0)
+  unstructured = bool(rate) or ks is not None
 
   def block(b, w):
     i1 = b * bs
     w1 = lax.dynamic_slice_in_dim(w, i1, bs, axis=1)             # [out, bs]
     u1 = lax.dynamic_slice(u, (i1, i1), (bs, bs))                 # [bs, bs]
     d1 = jnp.diagonal(u1)
-    if rate:
+    if unstructured:
       valid = i1 + jnp.arange(bs) < in_dim
       score = jnp.where(valid[None, :], w1 * w1 / (d1 * d1)[None, :], jnp.inf)
       k = jnp.where(b == num_blocks - 1, k_last, k_full)
@@ -184,3 +197,28 @@ def sparsegpt(w_OI: jax.Array, hessian_II: jax.Array, rate: float | None = None,
   u, damp = inverse_hessian_factor(h, percdamp)
   w = obs_prune(w, u, rate, n, m, blocksize)
   return w.astype(w_OI.dtype), damp
+
+
+@functools.partial(jax.jit, static_argnames=("percdamp", "blocksize"))
+def _levels(w_OI, hessian_II, k_full_K, k_last_K, percdamp: float, blocksize: int):
+  w, h = prepare_hessian(w_OI, hessian_II)
+  u, damp = inverse_hessian_factor(h, percdamp)
+  # lax.map, not vmap: K column loops side by side move K times the block through the
+  # cache at every column and ran 2x slower than one after another (measured on CPU)
+  prune = lambda ks: obs_prune(w, u, None, None, None, blocksize, ks=ks)
+  return lax.map(prune, (k_full_K, k_last_K)).astype(w_OI.dtype), damp
+
+
+def sparsegpt_levels(w_OI: jax.Array, hessian_II: jax.Array, rates: tuple[float, ...],
+                     percdamp: float = PERCDAMP, blocksize: int = BLOCKSIZE
+                     ) -> tuple[jax.Array, jax.Array]:
+  """`sparsegpt(w_OI, hessian_II, rate=r)` for every r of `rates` (each in (0, 1)) ->
+  (pruned weights [K, out, in], damp f32 []): one Hessian factorization, then the K
+  column loops in one compiled call (one compile per weight shape and K: the rates
+  enter as traced block counts). Equal to the per-rate calls (tested)."""
+  out_dim, in_dim = w_OI.shape
+  if not rates or any(not 0 < r < 1 for r in rates):
+    raise ValueError(f"sparsegpt_levels takes rates in (0, 1), got {rates}")
+  ks = [block_counts(r, out_dim, in_dim, blocksize) for r in rates]
+  return _levels(w_OI, hessian_II, jnp.asarray([k[0] for k in ks], jnp.int32),
+                 jnp.asarray([k[1] for k in ks], jnp.int32), percdamp, blocksize)

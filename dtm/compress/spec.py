@@ -30,7 +30,12 @@ Spec grammar (one string, usable as an ml_collections field or on the command li
             (w8a8 and llm_int8 quantize activations, at run time: apply_spec leaves the
             kernel float and adds mode leaves that the model's matmul reads,
             dtm.compress.act_quant)
-            (wanda, sparsegpt and gptq need calibration statistics: `apply_spec(...,
+            owl(rate, method=wanda, lamda=0.08, m=5)
+                                             OWL allocation (dtm.compress.owl): one rate per
+                                             layer from the dense model's outlier ratios,
+                                             averaging `rate`, then method(rate_l) per layer
+                                             (method wanda | sparsegpt | magnitude)
+            (wanda, sparsegpt, gptq and owl need calibration statistics: `apply_spec(...,
             calibration=...)` or `calibration.calibrate_and_compress`; one positional
             argument is the rate, two are n, m: wanda(0.5) == wanda(rate=0.5),
             wanda(2,4) == wanda(n=2,m=4); n is the number KEPT of every m, as in nm)
@@ -130,6 +135,10 @@ _SIGNATURES: dict[str, tuple[_Param, ...]] = {
              _Param("static_groups", _to_bool, False, None)),
     "rtn": (_Param("bits", _to_int), _Param("group_size", _to_int, False, None),
             _Param("sym", _to_bool, False, False)),
+    # an allocation (dtm.compress.owl): per-layer rates of `method` from the dense
+    # model's outlier ratios, averaging `rate`
+    "owl": (_Param("rate", _to_float), _Param("method", _to_str, False, "wanda"),
+            _Param("lamda", _to_float, False, 0.08), _Param("m", _to_float, False, 5.0)),
     # activation-aware linears (dtm.compress.act_quant, dtm.compress.int8)
     "w8a8": (),
     "llm_int8": (_Param("threshold", _to_float, False, 6.0),),
@@ -141,8 +150,17 @@ METHOD_NAMES: tuple[str, ...] = tuple(_SIGNATURES)
 _RATE_OR_NM: tuple[str, ...] = ("wanda", "sparsegpt")
 # Methods that need calibration statistics (`apply_spec(..., calibration=...)`), and
 # those of them that need the input Hessian (not just its diagonal).
-CALIBRATED_METHODS: frozenset[str] = frozenset({"wanda", "sparsegpt", "gptq"})
+CALIBRATED_METHODS: frozenset[str] = frozenset({"wanda", "sparsegpt", "gptq", "owl"})
 HESSIAN_METHODS: frozenset[str] = frozenset({"sparsegpt", "gptq"})
+# The operators an owl allocation applies per layer.
+OWL_OPERATORS: tuple[str, ...] = ("wanda", "sparsegpt", "magnitude")
+
+
+def needs_hessian(method: "Method") -> bool:
+  """Whether `method` needs the input Hessian (an owl allocation: its operator's need)."""
+  if method.name == "owl":
+    return method.kwargs["method"] in HESSIAN_METHODS
+  return method.name in HESSIAN_METHODS
 
 
 def _signature_text(name: str) -> str:
@@ -187,10 +205,26 @@ def _check_values(name: str, a: dict[str, Any]) -> None:
     _check_rate_or_nm(name, a)
   if name in ("gptq", "rtn"):
     _check_gptq_rtn(name, a)
+  if name == "owl":
+    _check_owl(a)
   if name == "llm_int8" and not (math.isfinite(a["threshold"]) and a["threshold"] > 0):
     raise DtmError(f"llm_int8 outlier threshold must be a finite number > 0 (|x| >= threshold "
                    f"marks an outlier feature; the paper uses 6.0), got {a['threshold']}; for "
                    f"no decomposition use w8a8")
+
+
+def _check_owl(a: dict[str, Any]) -> None:
+  if not (math.isfinite(a["rate"]) and 0.0 < a["rate"] < 1.0):
+    raise DtmError(f"owl sparsity rate must be in (0, 1), got {a['rate']}")
+  if a["method"] not in OWL_OPERATORS:
+    raise DtmError(f"owl method must be one of {', '.join(OWL_OPERATORS)} (the operator "
+                   f"applied per layer), got {a['method']!r}")
+  if not (math.isfinite(a["lamda"]) and 0.0 <= a["lamda"] < 0.5):
+    raise DtmError(f"owl lamda (half the spread of the per-layer rates) must be in [0, 0.5), "
+                   f"got {a['lamda']}")
+  if not (math.isfinite(a["m"]) and a["m"] > 0):
+    raise DtmError(f"owl m (outlier threshold, a multiple of the layer's mean Wanda metric) "
+                   f"must be > 0, got {a['m']}")
 
 
 def _check_gptq_rtn(name: str, a: dict[str, Any]) -> None:

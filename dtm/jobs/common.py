@@ -196,8 +196,8 @@ def calibration_for(config, model: LoadedModel, spec) -> tuple[np.ndarray, dict]
 
 
 def compress_model(config, model: LoadedModel, spec,
-                   calibration_windows: tuple[np.ndarray, dict] | None = None
-                   ) -> tuple[object, dict, dict | None]:
+                   calibration_windows: tuple[np.ndarray, dict] | None = None,
+                   grids: dict | None = None) -> tuple[object, dict, dict | None]:
   """F' = the spec applied to the model's params -> (params, report, calibration settings).
 
   Without calibrated methods (wanda, sparsegpt, gptq) this is `compress.apply_spec` and the
@@ -206,7 +206,8 @@ def compress_model(config, model: LoadedModel, spec,
   'sequential' runs `calibration.calibrate_and_compress` (the references: layer
   l's statistics on the outputs of the compressed layers < l), mode 'parallel' collects
   every statistic from the original model (`collect_statistics`, only the layers that
-  need them; the Hessian only if a method needs it) and applies the spec with them."""
+  need them; the Hessian only if a method needs it) and applies the spec with them.
+  grids: a dict that receives every gptq component's grid (`compress.apply_spec`)."""
   num_layers, shapes = compress.kernel_shapes(model.params)
   spec = compress.validate(spec, num_layers, shapes)
   calibrated = calibrated_components(spec, num_layers)
@@ -219,11 +220,12 @@ def compress_model(config, model: LoadedModel, spec,
            c.mode)
   if c.mode == "sequential":
     params, report = calibration.calibrate_and_compress(model.cfg, model.params, spec, windows,
-                                                        batch_size=c.batch_size, progress=True)
+                                                        batch_size=c.batch_size, progress=True,
+                                                        grids=grids)
   else:
     stats = calibration.collect_statistics(
         model.cfg, model.params, windows, mode="parallel", batch_size=c.batch_size,
-        hessian=any(m.name in compress.HESSIAN_METHODS for m in calibrated.values()),
+        hessian=any(compress.needs_hessian(m) for m in calibrated.values()),
         layers={comp.layer for comp in calibrated}, progress=True)
-    params, report = compress.apply_spec(model.params, spec, calibration=stats)
+    params, report = compress.apply_spec(model.params, spec, calibration=stats, grids=grids)
   return params, report, settings

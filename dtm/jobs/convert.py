@@ -29,9 +29,10 @@ def run(config, workdir: str) -> None:
     compressed_tensors.quantization_config(
         compress.validate(spec, num_layers, shapes).resolve(num_layers))
   params, report, calibration = model.params, {}, None
+  grids = {} if compressed else None  # gptq's integer grids, for compressed-tensors
   if spec.rules:
     params, report, calibration = common.compress_model(
-        config, model, spec, common.calibration_for(config, model, spec))
+        config, model, spec, common.calibration_for(config, model, spec), grids=grids)
   if config.save_orbax:
     act_quant.check_no_leaves(params, "the orbax model directory (save_orbax)")
     checkpoint.save_model(workdir, model.cfg, params, model.tokenizer, source=model.source)
@@ -42,7 +43,7 @@ def run(config, workdir: str) -> None:
       compressed_tensors.export(out, model.cfg, model.params, spec,
                                 compressed_params=act_quant.strip(params),
                                 tokenizer=model.tokenizer,
-                                max_shard_bytes=int(config.max_shard_mb) * 2**20)
+                                max_shard_bytes=int(config.max_shard_mb) * 2**20, grids=grids)
     else:
       act_quant.check_no_leaves(params, "a dense safetensors export (export_format=safetensors)")
       convert.export_hf(params, model.cfg, out, model.tokenizer,
