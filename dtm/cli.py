@@ -38,6 +38,9 @@ def run_job(config, workdir: str, dry_run: str | None = None, mfu: float = 0.4) 
       dry.run(config, os.path.abspath(workdir), dry_run, mfu)
       return 0
     setup_jax(cpu_devices=config.get("cpu_devices"))
+    if os.environ.get("DTM_ESTIMATE", "1") != "0":
+      from dtm.aot import preflight  # the job's functions compiled here: cost before work
+      preflight.estimate(config, os.path.abspath(workdir), mfu)
     module.run(config, os.path.abspath(workdir))
   except DtmError as e:
     _fail(str(e))

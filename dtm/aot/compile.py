@@ -15,6 +15,7 @@ import math
 import time
 from typing import Any, Callable
 
+from dtm.aot import hlo_flops
 from dtm.errors import DtmError
 
 GIB = 1024 ** 3
@@ -29,6 +30,7 @@ class Fn:
   calls: int
   useful_flops: float = 0.0    # per call, all devices together (0 = not counted)
   note: str = ""
+  loop_trips: float | None = None  # trips of loops whose count is known only at run time
 
 
 @dataclasses.dataclass
@@ -40,7 +42,9 @@ class Row:
   output_bytes: int = 0
   alias_bytes: int = 0
   hbm_bytes: int = 0
-  flops: float = 0.0           # per call, per device (the compiler's count)
+  flops: float = 0.0           # per call, per device (XLA's cost_analysis: loop bodies once)
+  matmul_flops: float = 0.0    # per call, per device: matmuls through loops (`hlo_flops`)
+  unknown_loops: int = 0       # loops counted at Fn.loop_trips (or once, if not given)
   useful_flops: float = 0.0    # per call, all devices
   num_devices: int = 1
   seconds: float = 0.0         # estimated, all calls
@@ -59,10 +63,16 @@ class Row:
 
   @property
   def waste(self) -> float | None:
-    """Compiled / useful FLOPs (all devices): > 1 is work the algorithm does not need."""
-    if not self.useful_flops or not self.flops:
+    """Compiled / useful matmul FLOPs (all devices, loops counted through: `hlo_flops`):
+    > 1 is matmul work the algorithm does not need (replicated or recomputed work)."""
+    if not self.useful_flops or not self.matmul_flops:
       return None
-    return self.flops * self.num_devices / self.useful_flops
+    return self.matmul_flops * self.num_devices / self.useful_flops
+
+  @property
+  def total_matmul_flops(self) -> float:
+    """Compiled matmul FLOPs of one call, all devices together."""
+    return self.matmul_flops * self.num_devices
 
   def to_json(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
@@ -77,7 +87,18 @@ def _cost_flops(compiled) -> float:
   return float((cost or {}).get("flops", 0.0))
 
 
-def compile_one(f: Fn, hbm_bytes: int, peak_flops: float, mfu: float, num_devices: int) -> Row:
+def _devices_used(compiled, default: int) -> int:
+  """Devices the compiled program spans (its argument and result shardings)."""
+  import jax
+  leaves = jax.tree.leaves((compiled.input_shardings, compiled.output_shardings))
+  return max((len(s.device_set) for s in leaves if hasattr(s, "device_set")), default=default)
+
+
+def compile_one(f: Fn, hbm_bytes: int, peak_flops: float, mfu: float, num_devices: int,
+                shared_cores: bool = False) -> Row:
+  """Compile `f`; `peak_flops` per device of `num_devices`; `shared_cores`: the devices
+  share one host's cores (CPU), so a program on k of them gets num_devices / k of the
+  per-device peak each."""
   row = Row(f.name, f.calls, hbm_bytes=hbm_bytes, useful_flops=f.useful_flops,
             num_devices=num_devices, note=f.note)
   t = time.perf_counter()
@@ -96,21 +117,21 @@ def compile_one(f: Fn, hbm_bytes: int, peak_flops: float, mfu: float, num_device
     row.output_bytes = int(mem.output_size_in_bytes)
     row.alias_bytes = int(mem.alias_size_in_bytes)
   row.flops = _cost_flops(compiled)
+  count = hlo_flops.compiled_matmul_flops(compiled, f.loop_trips)
+  row.matmul_flops, row.unknown_loops = count.flops, count.unknown_loops
+  row.num_devices = _devices_used(compiled, num_devices)
   if peak_flops > 0 and mfu > 0:
-    row.seconds = f.calls * estimate_seconds(row.useful_flops, row.flops, num_devices,
-                                             peak_flops, mfu)
+    peak = peak_flops * num_devices / row.num_devices if shared_cores else peak_flops
+    row.seconds = f.calls * estimate_seconds(row.matmul_flops, peak, mfu)
   return row
 
 
-def estimate_seconds(useful: float, compiled: float, num_devices: int, peak: float,
-                     mfu: float) -> float:
-  """Seconds of one call: useful FLOPs over (devices x peak x MFU), MFU's own definition.
-  XLA's cost analysis counts a while-loop body once (the layer scan, the decode loop, the
-  probe's layer loop), so compiled FLOPs under-count looped work and only stand in when
-  no useful count is known."""
-  if useful:
-    return useful / (num_devices * peak * mfu)
-  return compiled / (peak * mfu)
+def estimate_seconds(matmul_flops: float, peak: float, mfu: float) -> float:
+  """Seconds of one call: the compiled matmul FLOPs of one device (`hlo_flops`: loops
+  counted through, replicated and padded work included, as the device runs it) over that
+  device's peak x MFU. (Useful FLOPs / (devices x peak) would miss a program that runs on
+  fewer devices than the target has, or repeats work on each.)"""
+  return matmul_flops / (peak * mfu)
 
 
 def compile_all(fns: list[Fn], target, mfu: float, progress: bool = True) -> list[Row]:
@@ -118,7 +139,8 @@ def compile_all(fns: list[Fn], target, mfu: float, progress: bool = True) -> lis
   for f in fns:
     if progress:
       print(f"  compiling {f.name} for {target.name} ...", flush=True)
-    rows.append(compile_one(f, target.hbm_bytes, target.peak_flops, mfu, target.num_devices))
+    rows.append(compile_one(f, target.hbm_bytes, target.peak_flops, mfu, target.num_devices,
+                            shared_cores=target.platform == "cpu"))
   return rows
 
 
@@ -144,11 +166,12 @@ def table(rows: list[Row], target, mfu: float) -> str:
       lines.append(f"{r.name:<34} does not compile: {r.error[:160]}")
       continue
     waste = "-" if r.waste is None else f"{r.waste:.2f}"
+    waste += "*" if r.unknown_loops and r.waste is not None else ""
     lines.append(f"{r.name:<34} {_gib(r.argument_bytes):>8} {_gib(r.temp_bytes):>8} "
                  f"{_gib(r.output_bytes):>8} {_gib(r.peak_bytes):>8} {_gib(r.hbm_bytes):>8} "
-                 f"{'yes' if r.fits else 'NO':>4} {_flops(r.flops):>10} {waste:>8} "
+                 f"{'yes' if r.fits else 'NO':>4} {_flops(r.total_matmul_flops):>10} {waste:>8} "
                  f"{r.calls:>8} {_hours(r.seconds):>10}")
-  total_flops = sum(r.flops * r.calls * r.num_devices for r in rows)
+  total_flops = sum(r.total_matmul_flops * r.calls for r in rows)
   total_s = sum(r.seconds for r in rows)
   peak = max((r.peak_bytes for r in rows if not r.error), default=0)
   proxy = " (compiled for CPU devices as a proxy)" if target.proxy else ""
@@ -157,6 +180,9 @@ def table(rows: list[Row], target, mfu: float) -> str:
                f"{_gib(target.hbm_bytes)} GiB; MFU {mfu:g}")
   lines.append(f"total: {total_flops:.3g} FLOPs, peak {_gib(peak)} GiB per device, "
                f"estimated {_hours(total_s)}")
+  lines.append("FLOPs/call: compiled matmul FLOPs, all devices, loops counted through; comp/use: "
+               "over the useful FLOPs (> 1: replicated or recomputed work; * a loop of run-time "
+               "length at its mean trips)")
   return "\n".join(lines)
 
 
@@ -166,7 +192,7 @@ def summary(rows: list[Row], target, mfu: float, job: str) -> dict[str, Any]:
       "num_devices": target.num_devices, "proxy": target.proxy,
       "peak_flops_per_device": target.peak_flops, "peak_source": target.peak_source,
       "hbm_bytes_per_device": target.hbm_bytes, "mfu": mfu,
-      "total_flops": sum(r.flops * r.calls * r.num_devices for r in rows),
+      "total_flops": sum(r.total_matmul_flops * r.calls for r in rows),
       "estimated_seconds": sum(r.seconds for r in rows),
       "peak_bytes_per_device": max((r.peak_bytes for r in rows if not r.error), default=0),
       "fits": all(r.fits for r in rows),

@@ -18,7 +18,7 @@ import os
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as PS
 
-from dtm import probe
+from dtm import compress, probe
 from dtm.aot import compile as aot_compile
 from dtm.aot import plans
 from dtm.aot.architectures import architecture
@@ -29,13 +29,16 @@ from dtm.model import abstract_params
 JOBS = ("probe", "evaluate", "train", "prune")
 
 
-def _params(cfg, mesh, tensor_parallel: bool):
+def _params(cfg, mesh, tensor_parallel: bool, local: bool = False):
+  """The probe engine's params: tensor-parallel over 'model', else as loaded: replicated
+  on `mesh` for a remote target (where the job's jit puts them); for this process's own
+  devices (`local`) unplaced like the job's uncommitted arrays (`plans.loaded_params`)."""
   params = abstract_params(cfg)
   if tensor_parallel:
-    sh = probe.param_shardings(mesh, params)
-  else:
-    sh = jax.tree.map(lambda _: NamedSharding(mesh, PS()), params)
-  return plans._abstract(params, sh)
+    return plans._abstract(params, probe.param_shardings(mesh, params))
+  if local:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+  return plans._abstract(params, jax.tree.map(lambda _: NamedSharding(mesh, PS()), params))
 
 
 def job_plan(config, target: Target, cfg=None) -> list[aot_compile.Fn]:
@@ -49,12 +52,14 @@ def job_plan(config, target: Target, cfg=None) -> list[aot_compile.Fn]:
     raise DtmError(f"the dry run knows the jobs {', '.join(JOBS)}; {job!r} has no plan yet")
   if job == "probe":
     mesh = probe.probe_mesh(target.devices, model=int(config.probe.mesh_model))
-    params = _params(cfg, mesh, mesh.shape[probe.MODEL_AXIS] > 1)
-    return (plans.reference_fns(cfg, params, mesh, config.prompts)
+    tp = mesh.shape[probe.MODEL_AXIS] > 1
+    params = _params(cfg, mesh, tp, target.local)
+    gen_params = params if tp else plans.loaded_params(cfg, target)
+    return (plans.reference_fns(cfg, gen_params, mesh, config.prompts)
             + plans.probe_fns(config, cfg, params, mesh, target.hbm_bytes))
   if job == "evaluate":
     mesh = probe.probe_mesh(target.devices)
-    params = _params(cfg, mesh, False)
+    params = plans.loaded_params(cfg, target)  # HeldOut runs on the loaded params
     return (plans.reference_fns(cfg, params, mesh, config.prompts)
             + plans.dtm_fns(cfg, params, mesh, config.prompts, config.ppl, bool(config.kl)))
   from dtm.train import sharding
@@ -65,38 +70,30 @@ def job_plan(config, target: Target, cfg=None) -> list[aot_compile.Fn]:
   if job == "train":
     steps, every = int(config.train.steps), int(config.train.eval_every)
     evals = 2 + (max(0, (steps - 1) // every) if every else 0)
-    return (plans.reference_fns(cfg, fsdp, tmesh, ev.prompts)
-            + plans.dtm_fns(cfg, fsdp, tmesh, ev.prompts, ev.ppl, bool(ev.kl), evals)
+    loaded = plans.loaded_params(cfg, target)
+    return (plans.reference_fns(cfg, loaded, tmesh, ev.prompts)
+            + plans.dtm_fns(cfg, fsdp, tmesh, ev.prompts, ev.ppl, bool(ev.kl), evals, loaded)
             + plans.train_fns(config, cfg, target))
   # prune: selection probes every round, recovery training, held-out evaluation
   p = config.prune
   rounds = int(p.max_rounds)
-  kinds, _, layers = p.components.partition("@")
-  kinds = ",".join(_expand_kinds(kinds))
-  pmesh = probe.probe_mesh(target.devices, model=int(config.select.get("mesh_model", 1))
-                           if hasattr(config.select, "mesh_model") else 1)
-  pparams = _params(cfg, pmesh, pmesh.shape[probe.MODEL_AXIS] > 1)
-  fns = plans.reference_fns(cfg, pparams, pmesh, config.select.prompts)
+  # the spec grammar's own reading of 'KINDS@LAYERS' (kind groups, '*', ranges)
+  selector = compress.parse_rule(f"{p.components}:identity").to_string().rsplit(":", 1)[0]
+  kinds, _, layers = selector.partition("@")
+  # the selection probes run on the 1-D probe mesh (`prune_rounds`: `probe.probe_mesh()`)
+  pmesh = probe.probe_mesh(target.devices)
+  pparams = _params(cfg, pmesh, pmesh.shape[probe.MODEL_AXIS] > 1, target.local)
+  fns = plans.reference_fns(cfg, plans.loaded_params(cfg, target), pmesh, config.select.prompts)
   fns += plans.probe_fns(config, cfg, pparams, pmesh, target.hbm_bytes, family_method="magnitude",
                          levels=(float(p.ladder[0]),), kinds=kinds, layers=layers or "*",
                          rounds=rounds, per_device=1, prompts=config.select.prompts)
   if int(config.train.steps) > 0:
     spec = f"{kinds}@{layers or '*'}:magnitude({float(p.ladder[0]):g})"
     fns += plans.train_fns(config, cfg, target, spec=spec, rounds=rounds)
-  fns += plans.reference_fns(cfg, fsdp, tmesh, ev.prompts)
-  fns += plans.dtm_fns(cfg, fsdp, tmesh, ev.prompts, ev.ppl, bool(ev.kl), rounds + 1)
+  loaded = plans.loaded_params(cfg, target)
+  fns += plans.reference_fns(cfg, loaded, tmesh, ev.prompts)
+  fns += plans.dtm_fns(cfg, fsdp, tmesh, ev.prompts, ev.ppl, bool(ev.kl), rounds + 1, loaded)
   return fns
-
-
-def _expand_kinds(text: str) -> list[str]:
-  from dtm.compress import spec as spec_lib
-  out = []
-  for item in text.split(","):
-    item = item.strip()
-    if item == "*":
-      return list(spec_lib.KINDS) if hasattr(spec_lib, "KINDS") else ["q", "k", "v", "o", "gate", "up", "down"]
-    out += list(spec_lib.KIND_GROUPS.get(item, (item,)))
-  return out
 
 
 def run(config, workdir: str, target_text: str, mfu: float = 0.4) -> dict:
@@ -125,7 +122,7 @@ def local_target(mfu_peak: float | None = None) -> Target:
   kind = devs[0].platform
   if kind == "cpu":
     t = Target(f"cpu:{len(devs)}", "cpu", len(devs), 0.0, 0,
-               peak_source="same-run 2048^3 f32 matmul")
+               peak_source="same-run 2048^3 f32 matmul", local=True)
     t._devices = list(devs)
     total = mfu_peak or targets.measure_cpu_peak()
     t.peak_flops = total / len(devs)
@@ -133,6 +130,6 @@ def local_target(mfu_peak: float | None = None) -> Target:
     return t
   stats = devs[0].memory_stats() or {}
   t = Target(f"{kind}:{len(devs)}", kind, len(devs), 0.0, int(stats.get("bytes_limit", 0)),
-             peak_source="unknown peak: time not estimated")
+             peak_source="unknown peak: time not estimated", local=True)
   t._devices = list(devs)
   return t

@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as PS
+from jax.sharding import NamedSharding, PartitionSpec as PS, SingleDeviceSharding
 
 from dtm import compress, evaluation, probe
 from dtm.aot.compile import Fn, ceil_div
@@ -54,42 +54,74 @@ def forward_flops(cfg: ModelConfig, batch: int, length: int, head_rows: int | No
   return float(batch * (2 * decoder * length + attn + 2 * d * v * rows))
 
 
+def loaded_params(cfg: ModelConfig, target):
+  """Abstract params as a job loads them (`load_model` without shardings): on this
+  process's devices unplaced (sharding None, the job's uncommitted arrays, so the
+  preflight compiles the job's exact program and the job finds it in the persistent
+  compilation cache); on a remote target, on its first device."""
+  params = abstract_params(cfg)
+  if target.local:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+  one = SingleDeviceSharding(target.devices[0])
+  return _abstract(params, jax.tree.map(lambda _: one, params))
+
+
+def like_params(params_abs, mesh):
+  """The sharding of a job's other inputs next to these params: none (unplaced params),
+  their device (params on one device), else replicated on `mesh`."""
+  sh = jax.tree.leaves(params_abs)[0].sharding
+  if sh is None or isinstance(sh, SingleDeviceSharding):
+    return sh
+  return NamedSharding(mesh, PS())
+
+
 # ----------------------------------------------------------------------------- pieces
 
 def reference_fns(cfg, params_abs, mesh, prompts) -> list[Fn]:
-  """Greedy generation of the references (`evaluation.generate_references`)."""
-  rep = NamedSharding(mesh, PS())
+  """Greedy generation of the references (`evaluation.generate_references`: batches padded
+  to prompts.batch_size rows), the prompts placed as the params (`like_params`)."""
+  rep = like_params(params_abs, mesh)
   p, c, n, bs = int(prompts.num), int(prompts.length), int(prompts.new_tokens), int(prompts.batch_size)
-  gen = functools.partial(greedy_generate, cfg, num_new=n)
-  useful = forward_flops(cfg, bs, c, head_rows=1) + sum(
-      forward_flops(cfg, bs, 1, cached=c + j) for j in range(n - 1))
-  return [Fn("reference generation", jax.jit(gen), (params_abs, _struct((bs, c), jnp.int32, rep)),
+  rows = p / ceil_div(p, bs)  # real rows per batch (useful); the rest is padding
+  useful = forward_flops(cfg, rows, c, head_rows=1) + sum(
+      forward_flops(cfg, rows, 1, cached=c + j) for j in range(n - 1))
+  return [Fn("reference generation", greedy_generate,
+             (cfg, params_abs, _struct((bs, c), jnp.int32, rep), n),
              ceil_div(p, bs), useful, f"{bs} prompts x (c={c} + N={n})")]
 
 
-def dtm_fns(cfg, params_abs, mesh, prompts, ppl=None, kl=True, evals: int = 1) -> list[Fn]:
-  """The evaluate pass: base head statistics, teacher-forced DTM pass, windowed PPL."""
-  rep = NamedSharding(mesh, PS())
+def dtm_fns(cfg, params_abs, mesh, prompts, ppl=None, kl=True, evals: int = 1,
+            base_params_abs=None) -> list[Fn]:
+  """The evaluate pass (`evaluation.HeldOut`, remat off): base head statistics (of
+  `base_params_abs`, default `params_abs`), teacher-forced DTM pass, windowed PPL; the
+  jitted functions the job calls, with their static arguments."""
+  cfg = cfg.replace(remat=False)
+  base_params_abs = params_abs if base_params_abs is None else base_params_abs
+  local = jax.tree.leaves(base_params_abs)[0].sharding is None  # this process's devices
+  rep = None if local else like_params(params_abs, mesh)  # the job's jnp.asarray inputs
   p, c, n, bs = int(prompts.num), int(prompts.length), int(prompts.new_tokens), int(prompts.batch_size)
-  seq = _struct((bs, c + n), jnp.int32, rep)
+  rows = p / ceil_div(p, bs)  # real rows per batch (useful); the rest is padding
   fns = []
   base_abs = None
   if kl:
-    cb = functools.partial(evaluation.continuation_base, cfg, c=c)
-    base_abs = jax.eval_shape(cb, params_abs, seq)
-    base_abs = _abstract(base_abs, jax.tree.map(lambda _: rep, base_abs))
-    fns.append(Fn("base head statistics", jax.jit(cb), (params_abs, seq), ceil_div(p, bs),
-                  forward_flops(cfg, bs, c + n - 1, head_rows=n)))
-  db = lambda params, seq, base: evaluation.dtm_batch(cfg, params, seq, c, base)
-  fns.append(Fn("teacher-forced DTM pass", jax.jit(db), (params_abs, seq, base_abs),
-                evals * ceil_div(p, bs), forward_flops(cfg, bs, c + n - 1, head_rows=n)))
+    bseq = _struct((bs, c + n), jnp.int32, None if local else like_params(base_params_abs, mesh))
+    base_abs = jax.eval_shape(functools.partial(evaluation.continuation_base, cfg, c=c),
+                              base_params_abs, bseq)
+    # the job's base statistics: uncommitted (unplaced) or where the DTM pass runs
+    bsh = None if bseq.sharding is None else rep
+    base_abs = _abstract(base_abs, jax.tree.map(lambda _: bsh, base_abs))
+    fns.append(Fn("base head statistics", evaluation.continuation_base,
+                  (cfg, base_params_abs, bseq, c), ceil_div(p, bs),
+                  forward_flops(cfg, rows, c + n - 1, head_rows=n)))
+  seq = _struct((bs, c + n), jnp.int32, rep)
+  fns.append(Fn("teacher-forced DTM pass", evaluation.dtm_batch, (cfg, params_abs, seq, c, base_abs),
+                evals * ceil_div(p, bs), forward_flops(cfg, rows, c + n - 1, head_rows=n)))
   if ppl is not None:
     wb, w = int(ppl.batch_size), int(ppl.window)
     windows = int(ppl.max_windows) or 64
-    pb = functools.partial(evaluation.ppl_batch, cfg)
-    fns.append(Fn("perplexity windows", jax.jit(pb),
-                  (params_abs, _struct((wb, w), jnp.int32, rep), _struct((wb,), jnp.int32, rep)),
-                  evals * ceil_div(windows, wb), forward_flops(cfg, wb, w),
+    fns.append(Fn("perplexity windows", evaluation.ppl_batch,
+                  (cfg, params_abs, _struct((wb, w), jnp.int32, rep), _struct((wb,), jnp.int32, rep)),
+                  evals * ceil_div(windows, wb), forward_flops(cfg, windows / ceil_div(windows, wb), w),
                   "" if ppl.max_windows else "64 windows assumed (max_windows=0: all)"))
   return fns
 
@@ -155,7 +187,8 @@ def probe_fns(config, cfg, params_abs, mesh, hbm_bytes: int, family_method: str 
     useful = g * k * probe.useful_flops(cfg, int(mean_layer), p, s, n)
     label = f"probe chunk {family.name}" + (f" {kind}" if kind else "")
     fns.append(Fn(label, fn, args, ncalls * rounds, useful,
-                  f"{g} groups x {k} probes, {nprobes} probes per round"))
+                  f"{g} groups x {k} probes, {nprobes} probes per round",
+                  loop_trips=num_layers - 2 - int(mean_layer)))  # layers l+1..L-2
   if method in compress.CALIBRATED_METHODS:
     fns += calibration_fns(config, cfg, params_abs, mesh, method, len(levels) * len(
         {q.component.layer for q in probes}), hessian=method in compress.HESSIAN_METHODS)

@@ -65,6 +65,7 @@ class Target:
   megacore: bool = False
   proxy: bool = False          # compiled for CPU devices in place of the real kind
   peak_source: str = ""
+  local: bool = False          # this process's own devices (the preflight of a real run)
   _devices: list | None = None
 
   @property
