@@ -104,6 +104,7 @@ def get_config(arg=None):
     config.train.seq_len = 2048
     config.train.microbatches = 4 if arg.model == "llama2-7b" else 8
     config.train.remat = True
+    config.train.attention_chunk = 512
     config.train.optim.lr = 2e-5
     config.train.optim.warmup_steps = 10
     config.train.checkpoint.every = 50

@@ -162,27 +162,52 @@ class Attention(nn.Module):
       new_cache = (k, v)
     else:
       new_cache = None
-    s, g = k.shape[1], hq // hkv
-    # Head-major layout with the G query heads of a KV head folded into the rows:
-    # one [G*T, K] x [K, S] matmul per (batch, KV head), the fastest form on CPU.
-    q_BkMK = q.reshape(b, t, hkv, g, kd).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, kd)
-    k_BkSK = k.astype(dt).transpose(0, 2, 1, 3)
-    v_BkSK = v.astype(dt).transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bkmd,bksd->bkms", q_BkMK, k_BkSK, preferred_element_type=jnp.float32)
-    # Causal mask as an additive bias (key index = absolute position in the cache layout);
-    # softmax normalisation is applied after the PV matmul (on K values, not S scores).
+    s = k.shape[1]
+    # Causal mask as an additive bias (key index = absolute position in the cache layout).
     if mask_BTS is None:
       bias = jnp.where(jnp.arange(s)[None, :] <= pos_q[:, None], 0.0, -jnp.inf)
     else:
       bias = jnp.where(mask_BTS[:, qs:], 0.0, -jnp.inf)[:, None, None]
-    scores = scores.reshape(b, hkv, g, t, s) + bias
-    unnorm = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-    denom = jnp.sum(unnorm, axis=-1, keepdims=True)
-    out = jnp.einsum("bkms,bksd->bkmd", unnorm.astype(dt).reshape(b, hkv, g * t, s), v_BkSK,
-                     preferred_element_type=jnp.float32)
-    out = (out.reshape(b, hkv, g, t, kd) / denom).astype(dt)
-    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq * kd)
+    out = _attention(q, k, v, bias, dt, cfg.attention_chunk if cache is None else 0)
     return Linear(cfg.hidden_size, dt, pdt, name="o")(out), new_cache
+
+
+def _attend(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, bias: Array, dt) -> Array:
+  """softmax(q kᵀ + bias) v -> [B, T, Hq*K] in `dt`; bias [T, S] or [B, 1, 1, T, S]
+  (0 or -inf). Head-major layout with the G query heads of a KV head folded into the
+  rows: one [G*T, K] x [K, S] matmul per (batch, KV head), the fastest form on CPU; the
+  softmax normalisation is applied after the PV matmul (on K values, not S scores)."""
+  b, t, hq, kd = q_BTHK.shape
+  s, hkv = k_BSHK.shape[1], k_BSHK.shape[2]
+  g = hq // hkv
+  q_BkMK = q_BTHK.reshape(b, t, hkv, g, kd).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, kd)
+  k_BkSK = k_BSHK.astype(dt).transpose(0, 2, 1, 3)
+  v_BkSK = v_BSHK.astype(dt).transpose(0, 2, 1, 3)
+  scores = jnp.einsum("bkmd,bksd->bkms", q_BkMK, k_BkSK, preferred_element_type=jnp.float32)
+  scores = scores.reshape(b, hkv, g, t, s) + bias
+  unnorm = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+  denom = jnp.sum(unnorm, axis=-1, keepdims=True)
+  out = jnp.einsum("bkms,bksd->bkmd", unnorm.astype(dt).reshape(b, hkv, g * t, s), v_BkSK,
+                   preferred_element_type=jnp.float32)
+  out = (out.reshape(b, hkv, g, t, kd) / denom).astype(dt)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq * kd)
+
+
+def _attention(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, bias: Array, dt,
+               chunk: int) -> Array:
+  """`_attend`, in blocks of `chunk` query rows when chunk > 0 divides T < chunk: a
+  `lax.map` over the blocks whose body is rematerialised, so the backward pass holds one
+  block's [Hq, chunk, S] float32 scores instead of [Hq, T, S] (1/4 at T = 2048, chunk
+  512). Each query row's arithmetic is unchanged: the blocks give the same result."""
+  b, t, hq, kd = q_BTHK.shape
+  if not chunk or t <= chunk or t % chunk:
+    return _attend(q_BTHK, k_BSHK, v_BSHK, bias, dt)
+  n, s = t // chunk, k_BSHK.shape[1]
+  q_blocks = jnp.moveaxis(q_BTHK.reshape(b, n, chunk, hq, kd), 1, 0)
+  bias_blocks = jnp.moveaxis(bias.reshape(bias.shape[:-2] + (n, chunk, s)), -3, 0)
+  body = jax.checkpoint(lambda qb: _attend(qb[0], k_BSHK, v_BSHK, qb[1], dt))
+  out = jax.lax.map(body, (q_blocks, bias_blocks))  # [n, B, chunk, Hq*K]
+  return jnp.moveaxis(out, 0, 1).reshape(b, t, hq * kd)
 
 
 # Row count from which the gate and up projections run as one matmul on the

@@ -40,6 +40,9 @@ class ModelConfig:
   dtype: str = "float32"
   # remat each decoder layer in the backward pass (training only)
   remat: bool = False
+  # query rows per attention block without a cache (0 = all T at once): blocks bound the
+  # float32 scores a training backward pass holds to [Hq, chunk, S] (`model._attention`)
+  attention_chunk: int = 0
 
   @property
   def num_layers(self) -> int:

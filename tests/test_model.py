@@ -108,6 +108,24 @@ def test_layer_query_rows_equal_full_layer_rows(query_start):
   np.testing.assert_allclose(part, full[:, query_start:], rtol=1e-6, atol=1e-6)
 
 
+def test_attention_blocks_equal_whole_attention():
+  """attention_chunk (query rows per block, the training memory bound) changes no logit
+  and no gradient: each query row's arithmetic is the same."""
+  cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+  params = init_params(cfg, seed=5)
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 0, cfg.vocab_size)
+  loss = lambda c: lambda p: jnp.sum(Llama(c).apply({"params": p}, tokens) ** 2)
+  whole = Llama(cfg).apply({"params": params}, tokens)
+  g_whole = jax.grad(loss(cfg))(params)
+  for chunk in (3, 4):
+    blocked = cfg.replace(attention_chunk=chunk, remat=True)
+    np.testing.assert_allclose(Llama(blocked).apply({"params": params}, tokens), whole,
+                               rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(blocked))(params)), jax.tree.leaves(g_whole)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_bfloat16_params_run():
   cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,

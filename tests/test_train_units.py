@@ -160,10 +160,21 @@ def test_fsdp_rule_largest_divisible_dimension():
   assert sharding.param_pspec((576,), 1) == jax.sharding.PartitionSpec()
 
 
+def test_fsdp_rule_splits_the_hidden_axis_of_vocabulary_leaves():
+  """Embedding [V, D] and LM head [D, V] (and their Adam moments) split D, so a chunk of
+  the vocabulary scan needs no gathered [V, D] head; other leaves keep the largest axis."""
+  rule, fsdp = sharding.leaf_pspec, 8
+  assert rule(("embed", "embedding"), (512, 32), fsdp) == jax.sharding.PartitionSpec(None, "fsdp")
+  assert rule(("lm_head", "kernel"), (32, 512), fsdp) == jax.sharding.PartitionSpec("fsdp", None)
+  assert rule(("mu", "lm_head", "kernel"), (32, 512), fsdp) == jax.sharding.PartitionSpec("fsdp", None)
+  assert rule(("layers", "mlp", "up", "kernel"), (2, 32, 64), fsdp) == jax.sharding.PartitionSpec(None, None, "fsdp")
+  assert rule(("embed", "embedding"), (512, 30), fsdp) == jax.sharding.PartitionSpec("fsdp", None)
+
+
 # ----------------------------------------------------------------------------- the step
 
 
-def _one_step(cfg, microbatches, alpha=0.5):
+def _one_step(cfg, microbatches, alpha=0.5, teacher=None):
   from dtm.train import step as step_lib
   params = init_params(cfg, seed=3)
   plan = masks_lib.make_plan("mlp@*:magnitude(0.5)", params)
@@ -175,7 +186,7 @@ def _one_step(cfg, microbatches, alpha=0.5):
   fn = jax.jit(lambda s, b, t: step_lib.train_step(
       s, b, t, cfg=cfg, obj=Objective(alpha=alpha, vocab_chunk=128), plan=plan, tx=tx,
       microbatches=microbatches, masked=True, schedule=step_lib.lr_schedule(oc), clip_norm=1.0))
-  new, m = fn(state, batch, params)
+  new, m = fn(state, batch, params if teacher is None else teacher)
   return new, m
 
 
@@ -189,6 +200,33 @@ def test_microbatches_and_remat_match_one_full_batch():
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   pruned = np.asarray(ref["params"]["layers"]["mlp"]["down"]["kernel"])
   assert np.mean(pruned == 0) == 0.5  # masked update keeps the zeros
+
+
+def test_attention_blocks_match_one_full_batch():
+  ref, m_ref = _one_step(TINY, 1)
+  new, m = _one_step(TINY.replace(remat=True, attention_chunk=4), 2)  # T = 8: two blocks
+  for k in ("loss", "ce", "kl", "grad_norm"):
+    np.testing.assert_allclose(float(m[k]), float(m_ref[k]), rtol=1e-5, err_msg=k)
+  for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(ref["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_in_compute_dtype_is_exact():
+  """A bfloat16-compute step gives the same result with the float32 teacher as with
+  `teacher_copy` (the teacher stored in bfloat16: half the memory)."""
+  from dtm.train import step as step_lib
+  cfg = TINY.replace(dtype="bfloat16")
+  params = init_params(cfg, seed=3)
+  teacher = step_lib.teacher_copy(cfg, params)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(teacher))
+  assert step_lib.teacher_copy(TINY, params) is not None
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(step_lib.teacher_copy(TINY, params)))
+  a, m_a = _one_step(cfg, 1, teacher=params)
+  b, m_b = _one_step(cfg, 1, teacher=teacher)
+  for k in ("loss", "ce", "kl", "grad_norm"):
+    assert float(m_a[k]) == float(m_b[k]), k
+  for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_bfloat16_compute_keeps_float32_master_weights():

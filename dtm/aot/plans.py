@@ -255,7 +255,7 @@ def train_fns(config, cfg, target, tc=None, spec: str | None = None, rounds: int
   if obj.needs_teacher:
     teacher_sh = sharding.tree_shardings(mesh, params)
     teacher = _abstract(params, teacher_sh)
-  tcfg = cfg.replace(remat=bool(tc.remat))
+  tcfg = cfg.replace(remat=bool(tc.remat), attention_chunk=int(tc.attention_chunk))
   step = step_lib.compile_step(tcfg, obj, plan, tx, mesh, shardings, teacher_sh,
                                microbatches=int(tc.microbatches), masked=True,
                                schedule=step_lib.lr_schedule(oc), clip_norm=oc.clip_norm)

@@ -58,12 +58,30 @@ def param_pspec(shape: tuple[int, ...], fsdp: int) -> PS:
   return PS(*[("fsdp" if a == best else None) for a in range(len(shape))])
 
 
+VOCAB_LEAVES = ("embed", "lm_head")
+
+
+def leaf_pspec(names: tuple[str, ...], shape: tuple[int, ...], fsdp: int) -> PS:
+  """PartitionSpec of the leaf at path `names`: `param_pspec`, except that the embedding
+  [V, D] and LM head [D, V] (and their moments) split the hidden axis D, not V. The loss
+  scans the head in vocabulary chunks (`objective.chunked_loss`): a chunk of a V-split
+  head needs the whole head gathered first (one [V, D] copy per model, student and
+  teacher), a D-split one only its own chunk."""
+  if len(shape) == 2 and fsdp > 1 and set(names) & set(VOCAB_LEAVES):
+    hidden = int(shape[0] >= shape[1])  # the smaller axis of [V, D] / [D, V]
+    if shape[hidden] % fsdp == 0:
+      return PS(*[("fsdp" if a == hidden else None) for a in range(2)])
+  return param_pspec(shape, fsdp)
+
+
 def tree_shardings(mesh: Mesh, abstract_tree):
   """NamedSharding per leaf of a tree of arrays / ShapeDtypeStructs (params, optimizer
-  state, masks), by `param_pspec`."""
+  state, masks), by `leaf_pspec`."""
   fsdp = mesh.shape["fsdp"]
-  return jax.tree.map(lambda a: NamedSharding(mesh, param_pspec(tuple(a.shape), fsdp)),
-                      abstract_tree)
+  names = lambda path: tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, a: NamedSharding(mesh, leaf_pspec(names(path), tuple(a.shape), fsdp)),
+      abstract_tree)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

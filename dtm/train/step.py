@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as PS
 
 from dtm.model import Llama, head_matrix
 from dtm.model_config import ModelConfig
@@ -82,6 +83,17 @@ def init_state(params, masks, tx: optax.GradientTransformation, seed: int) -> di
           "rng": jax.random.key_data(jax.random.PRNGKey(seed))}
 
 
+def teacher_copy(cfg: ModelConfig, params):
+  """The frozen distillation teacher in the compute dtype `cfg.dtype`. Every use of a
+  parameter casts it to that dtype first (`model._dot`, `RMSNorm`, `nn.Embed`, the loss's
+  head chunks), so the teacher's forward is bit-identical to the one on float32 master
+  weights, and with float32 params and bfloat16 compute it holds half the memory (and XLA
+  keeps no bfloat16 copy of a float32 teacher beside it)."""
+  dt = jnp.dtype(cfg.dtype)
+  return jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating)
+                      and jnp.dtype(a.dtype).itemsize > dt.itemsize else a, params)
+
+
 def _final_hidden(cfg: ModelConfig, params, tokens_BT):
   model = Llama(cfg)
   h, _ = model.apply({"params": params}, tokens_BT, method=Llama.hidden)
@@ -89,14 +101,20 @@ def _final_hidden(cfg: ModelConfig, params, tokens_BT):
 
 
 def batch_loss(cfg: ModelConfig, obj: Objective, plan: masks_lib.CompressionPlan, params,
-               teacher_params, batch_BT1) -> LossSums:
-  """`LossSums` of one (micro)batch [b, T + 1] for the fake-quantized params."""
+               teacher_params, batch_BT1, rows=None) -> LossSums:
+  """`LossSums` of one (micro)batch [b, T + 1] for the fake-quantized params. `rows`: the
+  sharding of the batch's rows (a NamedSharding of a [b, ...] array), kept on the tokens
+  and hidden states so XLA splits activations by rows, not by the params' feature axes."""
+  keep = (lambda a: a) if rows is None else (
+      lambda a: jax.lax.with_sharding_constraint(
+          a, NamedSharding(rows.mesh, PS(rows.spec[0], *([None] * (a.ndim - 1))))))
+  batch_BT1 = keep(batch_BT1)
   tokens, targets = batch_BT1[:, :-1], batch_BT1[:, 1:]
   p_eff = masks_lib.quantize(plan, params, ste=True)
-  x = _final_hidden(cfg, p_eff, tokens)
+  x = keep(_final_hidden(cfg, p_eff, tokens))
   tx_, th = None, None
   if obj.needs_teacher:
-    tx_ = jax.lax.stop_gradient(_final_hidden(cfg, teacher_params, tokens))
+    tx_ = keep(jax.lax.stop_gradient(_final_hidden(cfg, teacher_params, tokens)))
     th = head_matrix(cfg, teacher_params)
   mask = jnp.ones(targets.shape, jnp.float32)
   return chunked_loss(obj, x, head_matrix(cfg, p_eff), targets, mask, tx_, th,
@@ -105,15 +123,16 @@ def batch_loss(cfg: ModelConfig, obj: Objective, plan: masks_lib.CompressionPlan
 
 def train_step(state, batch_BT1, teacher_params, *, cfg: ModelConfig, obj: Objective,
                plan: masks_lib.CompressionPlan, tx: optax.GradientTransformation,
-               microbatches: int, masked: bool, schedule, clip_norm: float):
-  """One update (module docstring) -> (new state, metrics dict of f32 scalars)."""
+               microbatches: int, masked: bool, schedule, clip_norm: float, rows=None):
+  """One update (module docstring) -> (new state, metrics dict of f32 scalars). `rows`:
+  the batch's row sharding, kept on every microbatch (`batch_loss`)."""
   params = state["params"]
   b = batch_BT1.shape[0]
   # Every target position is scored, so the token count is known before the forward: the
   # 1/tokens of the token-weighted mean is folded into the differentiated loss.
   inv_tokens = 1.0 / (b * (batch_BT1.shape[1] - 1))
   grad_fn = jax.grad(
-      lambda p, mb: _loss_and_sums(cfg, obj, plan, p, teacher_params, mb, inv_tokens),
+      lambda p, mb: _loss_and_sums(cfg, obj, plan, p, teacher_params, mb, inv_tokens, rows),
       has_aux=True)
   if microbatches == 1:
     grads, sums = grad_fn(params, batch_BT1)
@@ -150,8 +169,8 @@ def train_step(state, batch_BT1, teacher_params, *, cfg: ModelConfig, obj: Objec
   return new_state, metrics
 
 
-def _loss_and_sums(cfg, obj, plan, params, teacher_params, mb, scale):
-  sums = batch_loss(cfg, obj, plan, params, teacher_params, mb)
+def _loss_and_sums(cfg, obj, plan, params, teacher_params, mb, scale, rows=None):
+  sums = batch_loss(cfg, obj, plan, params, teacher_params, mb, rows)
   return sums.loss * scale, sums
 
 
@@ -161,7 +180,7 @@ def compile_step(cfg: ModelConfig, obj: Objective, plan, tx, mesh, state_shardin
   """jit of `train_step` with explicit shardings; the state is donated."""
   fn = functools.partial(train_step, cfg=cfg, obj=obj, plan=plan, tx=tx,
                          microbatches=microbatches, masked=masked, schedule=schedule,
-                         clip_norm=clip_norm)
+                         clip_norm=clip_norm, rows=sharding.batch_sharding(mesh))
   rep = sharding.replicated(mesh)
   return jax.jit(fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh),
                                    teacher_shardings),

@@ -132,6 +132,9 @@ def validate_settings(tc) -> None:
     raise DtmError("train.objective needs 0 <= alpha <= 1, temperature > 0, div_weight >= 0, "
                    f"div_margin > 0; got alpha={o.alpha}, temperature={o.temperature}, "
                    f"div_weight={o.div_weight}, div_margin={o.div_margin}")
+  if tc.attention_chunk < 0:
+    raise DtmError(f"train.attention_chunk must be >= 0 (0 = all query rows at once), got "
+                   f"{tc.attention_chunk}")
   if o.vocab_chunk < 0:
     raise DtmError(f"train.objective.vocab_chunk must be >= 0 (0 = whole vocabulary), got "
                    f"{o.vocab_chunk}")
@@ -222,8 +225,9 @@ def train(cfg: ModelConfig, params, spec, tc, *, tokens: np.ndarray, workdir: st
   obj, oc, acdc = objective_of(tc), optim_of(tc), acdc_of(tc)
   _check_calibrated(plan, params, acdc)
   check_identity(workdir, {**(identity or {}), "spec": plan.spec.to_string()})
-  tcfg = cfg.replace(remat=bool(tc.remat))
+  tcfg = cfg.replace(remat=bool(tc.remat), attention_chunk=int(tc.attention_chunk))
   teacher = (teacher_params if teacher_params is not None else params) if obj.needs_teacher else None
+  teacher = None if teacher is None else step_lib.teacher_copy(cfg, teacher)
 
   compressed, masks = jax.jit(lambda p: masks_lib.prune(plan, p))(params)
   tx = step_lib.make_optimizer(oc, compressed)
