@@ -253,8 +253,9 @@ def train_fns(config, cfg, target, tc=None, spec: str | None = None, rounds: int
   shardings = step_lib.state_shardings(mesh, state)
   teacher, teacher_sh = None, None
   if obj.needs_teacher:
-    teacher_sh = sharding.tree_shardings(mesh, params)
-    teacher = _abstract(params, teacher_sh)
+    teacher = jax.eval_shape(functools.partial(step_lib.teacher_copy, cfg), params)
+    teacher_sh = sharding.tree_shardings(mesh, teacher)
+    teacher = _abstract(teacher, teacher_sh)
   tcfg = cfg.replace(remat=bool(tc.remat), attention_chunk=int(tc.attention_chunk))
   step = step_lib.compile_step(tcfg, obj, plan, tx, mesh, shardings, teacher_sh,
                                microbatches=int(tc.microbatches), masked=True,
