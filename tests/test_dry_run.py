@@ -101,6 +101,33 @@ def test_bad_targets(tmp_path, tiny_dir, target, match):
   assert match in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1000:]
 
 
+def test_libtpu_topologies():
+  """Every slice of the target table is a topology libtpu knows (v5e-1: one chip per
+  host); a layout libtpu rejects is one DtmError naming it."""
+  from dtm.aot import targets
+  from dtm.errors import DtmError
+  for name in ("v5e-1", "v6e-1", "v5e-256", "v4-8", "v5p-1024"):
+    t = targets.parse_target(name)
+    assert len(t.devices) == t.num_devices, name
+  odd = targets.Target("v5e-9", "tpu", 9, 197e12, 1, topology="v5e:3x3")
+  with pytest.raises(DtmError, match="libtpu does not know topology 'v5e:3x3'"):
+    odd.devices
+
+
+def test_libtpu_missing_names_the_extra(tmp_path, tiny_dir):
+  """Without libtpu a TPU target is one line saying which extra to install."""
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", "DTM_JAX_CACHE": ""}
+  hide = ("import runpy, sys; sys.modules['libtpu'] = None; sys.argv = ['main.py', "
+          f"'--config=configs/probe.py:runlocal', '--workdir={tmp_path}', '--dry_run=v5e-4', "
+          f"'--config.model={tiny_dir}', '--config.probe.layers=*']; "
+          "runpy.run_path('main.py', run_name='__main__')")
+  proc = subprocess.run([sys.executable, "-c", hide], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-1000:]
+  line = proc.stderr.strip().splitlines()[-1]
+  assert "needs libtpu" in line and "pip install -e '.[tpu]'" in line, line
+
+
 def test_model_without_architecture(tmp_path):
   proc = run_main(tmp_path, "configs/probe.py:runlocal", "--dry_run=v5e-4",
                   f"--config.model={tmp_path}/nowhere")

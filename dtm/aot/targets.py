@@ -138,7 +138,8 @@ def _make_devices(target: Target) -> list:
       topo = topologies.get_topology_desc(
           platform="tpu", topology_name=target.topology,
           chip_config_name="megacore" if target.megacore else "default",
-          chips_per_host_bounds=(2, 2, 1), num_slices=1)
+          chips_per_host_bounds=(1, 1, 1) if target.num_devices == 1 else (2, 2, 1),
+          num_slices=1)
     except Exception as e:  # libtpu's own message names the topology
       raise DtmError(f"libtpu does not know topology {target.topology!r} ({target.name}): "
                      f"{str(e).strip().splitlines()[-1][:200]}") from None
