@@ -94,3 +94,24 @@ def test_convolution_counts_valid_taps_as_xla():
   conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME")
   compiled = jax.jit(conv).lower(S((2, 3, 16, 16), F32), S((8, 3, 3, 3), F32)).compile()
   assert hlo_flops.compiled_matmul_flops(compiled).flops == compiled.cost_analysis()["flops"]
+
+
+def test_bytes_read_one_layer_of_stacked_weights_and_update_a_cache_in_place():
+  """A layer loop reads one [K, N] slice of the stacked [L, K, N] weights per trip, and a
+  decode-style loop writes one row of its [T, D] cache per trip: the bytes grow with
+  the slices, not with L or T times the whole buffer."""
+  L, M, K = 6, 8, 256
+  compiled = jax.jit(_scan).lower(S((M, K), F32), S((L, K, K), F32)).compile()
+  got = hlo_flops.compiled_matmul_flops(compiled).bytes
+  per_trip = 4 * (K * K + 2 * M * K)  # the weight slice, h in, h out
+  # (XLA:CPU copies the slice out before the dot: up to 3 reads/writes of it per trip)
+  assert L * per_trip <= got <= 4 * L * per_trip < L * (L * K * K * 4), got
+
+  T, D = 64, 512
+  def fill(cache):
+    def step(i, c):
+      return jax.lax.dynamic_update_slice(c, jax.lax.dynamic_slice(c, (i - 1, 0), (1, D)) * 2.0, (i, 0))
+    return jax.lax.fori_loop(1, T, step, cache)
+  got = hlo_flops.compiled_matmul_flops(jax.jit(fill).lower(S((T, D), F32)).compile()).bytes
+  assert got < 0.5 * T * T * D * 4, got  # not the whole cache per trip
+  assert got >= (T - 1) * D * 4, got     # at least each written row

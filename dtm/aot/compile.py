@@ -44,6 +44,7 @@ class Row:
   hbm_bytes: int = 0
   flops: float = 0.0           # per call, per device (XLA's cost_analysis: loop bodies once)
   matmul_flops: float = 0.0    # per call, per device: matmuls through loops (`hlo_flops`)
+  bytes_accessed: float = 0.0  # per call, per device, loops through (`hlo_bytes`)
   unknown_loops: int = 0       # loops counted at Fn.loop_trips (or once, if not given)
   useful_flops: float = 0.0    # per call, all devices
   num_devices: int = 1
@@ -95,10 +96,11 @@ def _devices_used(compiled, default: int) -> int:
 
 
 def compile_one(f: Fn, hbm_bytes: int, peak_flops: float, mfu: float, num_devices: int,
-                shared_cores: bool = False) -> Row:
-  """Compile `f`; `peak_flops` per device of `num_devices`; `shared_cores`: the devices
-  share one host's cores (CPU), so a program on k of them gets num_devices / k of the
-  per-device peak each."""
+                bandwidth: float = 0.0) -> Row:
+  """Compile `f`; `peak_flops` per device of `num_devices`. `bandwidth` > 0 (bytes/s of
+  the host): the devices are one host's CPU cores, and the time is the CPU model of
+  `estimate_seconds` (a program on k of the devices gets num_devices / k of the per-device
+  peak and 1 / k of the bandwidth each)."""
   row = Row(f.name, f.calls, hbm_bytes=hbm_bytes, useful_flops=f.useful_flops,
             num_devices=num_devices, note=f.note)
   t = time.perf_counter()
@@ -119,19 +121,31 @@ def compile_one(f: Fn, hbm_bytes: int, peak_flops: float, mfu: float, num_device
   row.flops = _cost_flops(compiled)
   count = hlo_flops.compiled_matmul_flops(compiled, f.loop_trips)
   row.matmul_flops, row.unknown_loops = count.flops, count.unknown_loops
-  row.num_devices = _devices_used(compiled, num_devices)
+  row.num_devices = k = _devices_used(compiled, num_devices)
+  row.bytes_accessed = count.bytes
   if peak_flops > 0 and mfu > 0:
-    peak = peak_flops * num_devices / row.num_devices if shared_cores else peak_flops
-    row.seconds = f.calls * estimate_seconds(row.matmul_flops, peak, mfu)
+    if bandwidth > 0:
+      one = estimate_seconds(row.matmul_flops, peak_flops * num_devices / k, 1.0,
+                             row.bytes_accessed, bandwidth / k)
+    else:
+      one = estimate_seconds(row.matmul_flops, peak_flops, mfu)
+    row.seconds = f.calls * one
   return row
 
 
-def estimate_seconds(matmul_flops: float, peak: float, mfu: float) -> float:
-  """Seconds of one call: the compiled matmul FLOPs of one device (`hlo_flops`: loops
-  counted through, replicated and padded work included, as the device runs it) over that
-  device's peak x MFU. (Useful FLOPs / (devices x peak) would miss a program that runs on
-  fewer devices than the target has, or repeats work on each.)"""
-  return matmul_flops / (peak * mfu)
+def estimate_seconds(matmul_flops: float, peak: float, mfu: float, bytes_accessed: float = 0.0,
+                     bandwidth: float = 0.0) -> float:
+  """Seconds of one call on one device: its compiled matmul FLOPs (`hlo_flops`: loops
+  counted through, replicated and padded work included, as the device runs it) over its
+  peak x MFU (a TPU / GPU: the data sheet's peak). On a CPU the peak is the same-run
+  2048^3 matmul, a rate XLA reaches, not a data sheet's, so MFU is 1 and the other time
+  is memory: plus the bytes moved (`hlo_bytes`, loops counted through) over the
+  same-run streaming bandwidth. (Useful FLOPs / (devices x peak) would miss a program
+  that runs on fewer devices than the target has, or repeats work on each.)"""
+  seconds = matmul_flops / (peak * mfu)
+  if bandwidth > 0:
+    seconds += bytes_accessed / bandwidth
+  return seconds
 
 
 def compile_all(fns: list[Fn], target, mfu: float, progress: bool = True) -> list[Row]:
@@ -140,7 +154,7 @@ def compile_all(fns: list[Fn], target, mfu: float, progress: bool = True) -> lis
     if progress:
       print(f"  compiling {f.name} for {target.name} ...", flush=True)
     rows.append(compile_one(f, target.hbm_bytes, target.peak_flops, mfu, target.num_devices,
-                            shared_cores=target.platform == "cpu"))
+                            target.mem_bandwidth if target.platform == "cpu" else 0.0))
   return rows
 
 
@@ -177,7 +191,7 @@ def table(rows: list[Row], target, mfu: float) -> str:
   proxy = " (compiled for CPU devices as a proxy)" if target.proxy else ""
   lines.append(f"target {target.name}{proxy}: {target.num_devices} devices, peak "
                f"{target.peak_flops:.3g} FLOP/s per device ({target.peak_source}), HBM "
-               f"{_gib(target.hbm_bytes)} GiB; MFU {mfu:g}")
+               f"{_gib(target.hbm_bytes)} GiB; {time_model(target, mfu)}")
   lines.append(f"total: {total_flops:.3g} FLOPs, peak {_gib(peak)} GiB per device, "
                f"estimated {_hours(total_s)}")
   lines.append("FLOPs/call: compiled matmul FLOPs, all devices, loops counted through; comp/use: "
@@ -186,12 +200,21 @@ def table(rows: list[Row], target, mfu: float) -> str:
   return "\n".join(lines)
 
 
+def time_model(target, mfu: float) -> str:
+  """How the estimated time was made (`estimate_seconds`)."""
+  if target.platform == "cpu" and target.mem_bandwidth > 0:
+    return (f"time: matmuls at the same-run peak (MFU 1) + bytes accessed at the same-run "
+            f"{target.mem_bandwidth / 1e9:.1f} GB/s")
+  return f"time at MFU {mfu:g}"
+
+
 def summary(rows: list[Row], target, mfu: float, job: str) -> dict[str, Any]:
   return {
       "job": job, "target": target.name, "platform": target.platform,
       "num_devices": target.num_devices, "proxy": target.proxy,
       "peak_flops_per_device": target.peak_flops, "peak_source": target.peak_source,
       "hbm_bytes_per_device": target.hbm_bytes, "mfu": mfu,
+      "mem_bandwidth": target.mem_bandwidth, "time_model": time_model(target, mfu),
       "total_flops": sum(r.total_matmul_flops * r.calls for r in rows),
       "estimated_seconds": sum(r.seconds for r in rows),
       "peak_bytes_per_device": max((r.peak_bytes for r in rows if not r.error), default=0),

@@ -126,6 +126,7 @@ def local_target(mfu_peak: float | None = None) -> Target:
     t._devices = list(devs)
     total = mfu_peak or targets.measure_cpu_peak()
     t.peak_flops = total / len(devs)
+    t.mem_bandwidth = targets.measure_cpu_bandwidth()
     t.hbm_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // len(devs)
     return t
   stats = devs[0].memory_stats() or {}

@@ -70,7 +70,7 @@ def line(payload: dict, rows: list[aot_compile.Row]) -> str:
   compute, compile_s = payload["estimated_seconds"], payload["compile_seconds"]
   return (f"estimate: {payload['job']} on {payload['target']}: {payload['total_flops']:.3g} "
           f"FLOPs in {len(rows)} functions, peak {peak}; ~{_time(compute + compile_s)} "
-          f"(compute {_time(compute)} at MFU {payload['mfu']:g}, compile {_time(compile_s)}) "
+          f"(compute {_time(compute)}, compile {_time(compile_s)}; {payload['time_model']}) "
           f"[preflight {_time(payload['preflight_seconds'])}]")
 
 

@@ -66,6 +66,7 @@ class Target:
   proxy: bool = False          # compiled for CPU devices in place of the real kind
   peak_source: str = ""
   local: bool = False          # this process's own devices (the preflight of a real run)
+  mem_bandwidth: float = 0.0   # bytes/s of the whole host (CPU: measured; 0 = not modelled)
   _devices: list | None = None
 
   @property
@@ -156,10 +157,27 @@ def _make_devices(target: Target) -> list:
   if target.platform == "cpu" and not target.peak_flops:
     total = measure_cpu_peak()
     target.peak_flops = total / target.num_devices  # the devices share the host's cores
+    target.mem_bandwidth = measure_cpu_bandwidth()
     target.hbm_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // target.num_devices
   elif target.platform == "gpu":
     pass
   return devices
+
+
+def measure_cpu_bandwidth(n: int = 1 << 25, repeats: int = 5) -> float:
+  """Bytes/s of this host's best streaming op (x * 2 over n float32: n x 4 bytes read and
+  n x 4 written), compiled, warm: the memory term of the CPU time model."""
+  import jax
+  import jax.numpy as jnp
+  x = jax.device_put(jnp.ones((n,), jnp.float32), jax.devices("cpu")[0])
+  f = jax.jit(lambda a: a * 2.0)
+  f(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * 4 * n / best
 
 
 def measure_cpu_peak(n: int = 2048, repeats: int = 5) -> float:
