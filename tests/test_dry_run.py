@@ -77,6 +77,31 @@ def test_train_and_prune_dry_run(tmp_path, tiny_dir):
   assert "probe chunk magnitude" in names  # prune: the selection probes
 
 
+@pytest.mark.parametrize("config, extra, expect", [
+    ("configs/quantize.py:runlocal",
+     ["--config.search.layers=*", "--config.search.method=gptq", "--config.search.levels=(4,)",
+      "--config.search.max_evals=5", "--config.search.method_args="],
+     ["reference generation", "level 4: probe chunk gptq down", "teacher-forced DTM pass",
+      "calibration layer pass", "gptq solve down [64x128]"]),
+    ("configs/compare.py:runlocal", [],
+     ["sampled references", "sampled DTM pass", "perplexity windows", "compress q x1 magnitude"]),
+    ("configs/lm_eval.py:runlocal", ["--config.compression=|mlp@*:nm(2,m=4)"],
+     ["lm-eval packed forward", "lm-eval scores", "compress down x3 nm"]),
+])
+def test_evaluation_jobs_dry_run(tmp_path, tiny_dir, config, extra, expect):
+  """quantize / compare / lm_eval compile the functions they run, calls from the config."""
+  proc = run_main(tmp_path, config, "--dry_run=v5e-4", f"--config.model={tiny_dir}", *extra)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  got = {f["name"]: f for f in _payload(tmp_path)["functions"]}
+  for name in expect:
+    assert name in got and got[name]["fits"] and got[name]["argument_bytes"] > 0, (name, list(got))
+  if config.startswith("configs/quantize"):  # min(5, levels x components x rankings x bounds)
+    assert got["teacher-forced DTM pass"]["calls"] == 5 + 1  # ... + the original model
+    assert got["calibration layer pass"]["calls"] == 5 * 3  # every layer, per configuration
+  if config.startswith("configs/lm_eval"):
+    assert got["lm-eval packed forward"]["calls"] == 2  # per spec, per batch (note)
+
+
 def test_refused_fit_names_function_and_bytes(tmp_path):
   """Llama-2-70B probes on a v5e-8 with the 1-D mesh (every chip a whole bf16 replica)."""
   proc = run_main(tmp_path, "configs/probe.py:model=llama2-70b", "--dry_run=v5e-8",

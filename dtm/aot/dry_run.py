@@ -20,13 +20,14 @@ from jax.sharding import NamedSharding, PartitionSpec as PS
 
 from dtm import compress, probe
 from dtm.aot import compile as aot_compile
+from dtm.aot import job_plans
 from dtm.aot import plans
 from dtm.aot.architectures import architecture
 from dtm.aot.targets import Target, parse_target
 from dtm.errors import DtmError
 from dtm.model import abstract_params
 
-JOBS = ("probe", "evaluate", "train", "prune")
+JOBS = ("probe", "evaluate", "train", "prune", "quantize", "compare", "lm_eval")
 
 
 def _params(cfg, mesh, tensor_parallel: bool, local: bool = False):
@@ -62,6 +63,12 @@ def job_plan(config, target: Target, cfg=None) -> list[aot_compile.Fn]:
     params = plans.loaded_params(cfg, target)  # HeldOut runs on the loaded params
     return (plans.reference_fns(cfg, params, mesh, config.prompts)
             + plans.dtm_fns(cfg, params, mesh, config.prompts, config.ppl, bool(config.kl)))
+  if job == "quantize":
+    return job_plans.quantize_fns(config, cfg, target, job_plan)
+  if job == "compare":
+    return job_plans.compare_fns(config, cfg, target)
+  if job == "lm_eval":
+    return job_plans.lm_eval_fns(config, cfg, target)
   from dtm.train import sharding
   tmesh = sharding.make_mesh(int(config.train.mesh.data), int(config.train.mesh.fsdp),
                              devices=target.devices)
