@@ -77,7 +77,8 @@ def job_plan(config, target: Target, cfg=None) -> list[aot_compile.Fn]:
   if job == "train":
     steps, every = int(config.train.steps), int(config.train.eval_every)
     evals = 2 + (max(0, (steps - 1) // every) if every else 0)
-    loaded = plans.loaded_params(cfg, target)
+    # `jobs.train.load_for_training`: F in the FSDP layout when the mesh splits params
+    loaded = fsdp if tmesh.shape["fsdp"] > 1 else plans.loaded_params(cfg, target)
     return (plans.reference_fns(cfg, loaded, tmesh, ev.prompts)
             + plans.dtm_fns(cfg, fsdp, tmesh, ev.prompts, ev.ppl, bool(ev.kl), evals, loaded)
             + plans.train_fns(config, cfg, target))

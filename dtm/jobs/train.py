@@ -18,7 +18,8 @@ import numpy as np
 from dtm import checkpoint, compress, convert, data, evaluation, io_utils
 from dtm.errors import DtmError
 from dtm.jobs import common, validate
-from dtm.train import trainer
+from dtm.model import abstract_params
+from dtm.train import sharding, trainer
 
 log = logging.getLogger("dtm")
 
@@ -34,6 +35,19 @@ def training_tokens(config, tokenizer) -> np.ndarray:
     raise DtmError(f"no training tokens in data.source={config.data.source!r} "
                    f"data_files={config.data.data_files!r}")
   return stream
+
+
+def load_for_training(config):
+  """(F, the trainer's ('data', 'fsdp') mesh). With mesh.fsdp > 1, F loads straight into
+  the FSDP layout (`sharding.tree_shardings`): a pod-sized model is never whole on one
+  device (Llama-2-7B in float32 is 27 GB, a v5e chip has 16 GiB), and the references and
+  held-out evaluation run on the sharded params. Otherwise F loads as every job loads it."""
+  tc = config.train
+  mesh = sharding.make_mesh(int(tc.mesh.data), int(tc.mesh.fsdp))
+  if mesh.shape["fsdp"] == 1:
+    return common.load(config), mesh
+  return common.load(config, shardings_fn=lambda cfg: sharding.tree_shardings(
+      mesh, abstract_params(cfg))), mesh
 
 
 def heldout(config, model, workdir: str) -> tuple[evaluation.HeldOut, dict]:
@@ -52,7 +66,7 @@ def run(config, workdir: str) -> dict | None:
   os.makedirs(workdir, exist_ok=True)
   validate.validate(config)  # every config error before the slow load
   spec = compress.parse_spec(config.compression)
-  model = common.load(config)
+  model, mesh = load_for_training(config)
   tokens = training_tokens(config, model.tokenizer)
   held, eval_settings = heldout(config, model, workdir)
   identity = {"model": config.model, "model_source": model.source,
@@ -68,7 +82,7 @@ def run(config, workdir: str) -> dict | None:
     identity["calibration"] = calib
   result = trainer.train(model.cfg, start, spec, config.train, tokens=tokens,
                          workdir=workdir, heldout=held, identity=identity,
-                         teacher_params=model.params)
+                         teacher_params=model.params, mesh=mesh)
   if result.interrupted:
     return None
   if jax.process_index() != 0:
