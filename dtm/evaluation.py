@@ -65,6 +65,12 @@ def _batches(n: int, batch_size: int):
     yield slice(start, min(n, start + batch_size))
 
 
+def batch_rows(n: int, batch_size: int) -> int:
+  """Rows of every batch of n items: batch_size, or n when fewer (padding 8 prompts to a
+  batch of 16 doubled the work of every pass, as the dry run's comp/use column showed)."""
+  return max(1, min(int(batch_size), int(n)))
+
+
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
   """Pad to a full batch by repeating the last row (one compiled shape per run)."""
   if x.shape[0] == rows:
@@ -75,6 +81,7 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 def generate_references(cfg: ModelConfig, params, prompts_PC: np.ndarray, num_new: int,
                         batch_size: int, desc: str = "references") -> np.ndarray:
   """y = greedy(F, p, N) for every prompt: int32 [P, N]."""
+  batch_size = batch_rows(len(prompts_PC), batch_size)
   out = []
   for sl in tqdm(list(_batches(len(prompts_PC), batch_size)), desc=desc, unit="batch"):
     chunk = prompts_PC[sl]
@@ -86,6 +93,7 @@ def generate_references(cfg: ModelConfig, params, prompts_PC: np.ndarray, num_ne
 def base_reference(cfg, params, seq_PS: np.ndarray, c: int, batch_size: int):
   """The base model's `metrics.HeadBase` per batch, kept on device (D floats per
   position instead of V logits)."""
+  batch_size = batch_rows(len(seq_PS), batch_size)
   return [continuation_base(cfg, params, jnp.asarray(_pad_rows(seq_PS[sl], batch_size)), c)
           for sl in _batches(len(seq_PS), batch_size)]
 
@@ -95,6 +103,7 @@ def divergence(cfg: ModelConfig, params, seq_PS: np.ndarray, c: int, batch_size:
   """Per-prompt `divergence_stats` of params on s = p ⊕ y, gathered to host; `base` is
   `base_reference`'s list (one `HeadBase` per batch) for KL / top-1."""
   parts = []
+  batch_size = batch_rows(len(seq_PS), batch_size)
   for i, sl in enumerate(tqdm(list(_batches(len(seq_PS), batch_size)), desc=desc, unit="batch")):
     seq = jnp.asarray(_pad_rows(seq_PS[sl], batch_size))
     stats = dtm_batch(cfg, params, seq, c, None if base is None else base[i])
@@ -107,6 +116,7 @@ def perplexity(cfg: ModelConfig, params, tokens_WT: np.ndarray, ctx_W: np.ndarra
                batch_size: int, desc: str = "perplexity") -> dict[str, float]:
   """Context-aware perplexity over windows: exp(Σ NLL / Σ count), count of scored tokens."""
   parts = []
+  batch_size = batch_rows(len(tokens_WT), batch_size)
   for sl in tqdm(list(_batches(len(tokens_WT), batch_size)), desc=desc, unit="batch"):
     toks = jnp.asarray(_pad_rows(tokens_WT[sl], batch_size))
     ctx = jnp.asarray(_pad_rows(ctx_W[sl], batch_size))

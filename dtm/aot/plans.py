@@ -78,10 +78,12 @@ def like_params(params_abs, mesh):
 # ----------------------------------------------------------------------------- pieces
 
 def reference_fns(cfg, params_abs, mesh, prompts) -> list[Fn]:
-  """Greedy generation of the references (`evaluation.generate_references`: batches padded
-  to prompts.batch_size rows), the prompts placed as the params (`like_params`)."""
+  """Greedy generation of the references (`evaluation.generate_references`: batches of
+  `evaluation.batch_rows`, the last padded), the prompts placed as the params
+  (`like_params`)."""
   rep = like_params(params_abs, mesh)
-  p, c, n, bs = int(prompts.num), int(prompts.length), int(prompts.new_tokens), int(prompts.batch_size)
+  p, c, n = int(prompts.num), int(prompts.length), int(prompts.new_tokens)
+  bs = evaluation.batch_rows(p, int(prompts.batch_size))
   rows = p / ceil_div(p, bs)  # real rows per batch (useful); the rest is padding
   useful = forward_flops(cfg, rows, c, head_rows=1) + sum(
       forward_flops(cfg, rows, 1, cached=c + j) for j in range(n - 1))
@@ -99,7 +101,8 @@ def dtm_fns(cfg, params_abs, mesh, prompts, ppl=None, kl=True, evals: int = 1,
   base_params_abs = params_abs if base_params_abs is None else base_params_abs
   local = jax.tree.leaves(base_params_abs)[0].sharding is None  # this process's devices
   rep = None if local else like_params(params_abs, mesh)  # the job's jnp.asarray inputs
-  p, c, n, bs = int(prompts.num), int(prompts.length), int(prompts.new_tokens), int(prompts.batch_size)
+  p, c, n = int(prompts.num), int(prompts.length), int(prompts.new_tokens)
+  bs = evaluation.batch_rows(p, int(prompts.batch_size))
   rows = p / ceil_div(p, bs)  # real rows per batch (useful); the rest is padding
   fns = []
   base_abs = None
@@ -117,8 +120,8 @@ def dtm_fns(cfg, params_abs, mesh, prompts, ppl=None, kl=True, evals: int = 1,
   fns.append(Fn("teacher-forced DTM pass", evaluation.dtm_batch, (cfg, params_abs, seq, c, base_abs),
                 evals * ceil_div(p, bs), forward_flops(cfg, rows, c + n - 1, head_rows=n)))
   if ppl is not None:
-    wb, w = int(ppl.batch_size), int(ppl.window)
     windows = int(ppl.max_windows) or 64
+    wb, w = evaluation.batch_rows(windows, int(ppl.batch_size)), int(ppl.window)
     fns.append(Fn("perplexity windows", evaluation.ppl_batch,
                   (cfg, params_abs, _struct((wb, w), jnp.int32, rep), _struct((wb,), jnp.int32, rep)),
                   evals * ceil_div(windows, wb), forward_flops(cfg, windows / ceil_div(windows, wb), w),
