@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dtm.compress import factor
 from dtm.errors import DtmError
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -215,27 +216,10 @@ def rtn(w_OI: jax.Array, bits: int, group_size: int | None = None, sym: bool = F
 
 def _inverse_hessian_factor(H: jax.Array, damps: jax.Array):
   """(U, damp): U upper with U^T U = (H + damp * mean(diag H) * I)^-1, for the first damp of
-  `damps` whose factor is finite; (non-finite U, NaN) if none is.
-
-  U is the reference's cholesky(cholesky_inverse(cholesky(H)), upper=True) computed with
-  one factorization: with J the reversal, J H J = L L^T gives H = R R^T, R = J L J upper,
-  so H^-1 = (R^-1)^T R^-1 and U = R^-1 = J L^-1 J (the factor with a positive diagonal is
-  unique).
-  """
-  n = H.shape[0]
-  eye = jnp.eye(n, dtype=jnp.float32)
-  H_rev = H[::-1, ::-1]
-  mean_diag = jnp.mean(jnp.diag(H))
-
-  def body(state):
-    k = state[0] + 1
-    L = jnp.linalg.cholesky(H_rev + damps[k] * mean_diag * eye)
-    U = jax.scipy.linalg.solve_triangular(L, eye, lower=True)[::-1, ::-1]
-    return k, U, jnp.all(jnp.isfinite(U)) & jnp.all(jnp.diag(U) > 0)
-
-  k, U, ok = lax.while_loop(lambda s: ~s[2] & (s[0] < damps.shape[0] - 1), body,
-                            (jnp.int32(-1), jnp.zeros_like(H), jnp.bool_(False)))
-  return jnp.triu(U), jnp.where(ok, damps[k], jnp.nan)
+  `damps` whose factor is finite; (non-finite U, NaN) if none is. U is the reference's
+  cholesky(cholesky_inverse(cholesky(H)), upper=True), computed with one factorization
+  and a triangular inverse in matmuls (`dtm.compress.factor`)."""
+  return factor.inverse_hessian_factor(H, damps)
 
 
 def _gptq_columns(Wt, U, scale_GO, zero_GO, gidx, bits, sym, dynamic, *, n: int,

@@ -10,8 +10,9 @@ factor uniformly, and the updates use ratios of entries of U = chol(H^-1).
 
 Steps (all float32, as the reference):
   1. dead inputs (H_jj == 0): H_jj = 1 and W[:, j] = 0.
-  2. H += percdamp * mean(diag H) * I; U = upper Cholesky factor of H^-1
-     (the reference: cholesky, cholesky_inverse, cholesky(upper=True)).
+  2. H += percdamp * mean(diag H) * I; U = upper Cholesky factor of H^-1 (the
+     reference: cholesky, cholesky_inverse, cholesky(upper=True); here one
+     factorization and a triangular inverse, `dtm.compress.factor`).
   3. columns in blocks of `blocksize` (for n:m rounded up to a multiple of m, so N:M
      groups never straddle blocks; the same blocks as the reference when m divides it).
      Unstructured: at the start of a block, with the block's weights as updated by the
@@ -42,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dtm.compress import factor
 from dtm.compress.elementwise import magnitude_cut, nm_rank, num_pruned
 
 PERCDAMP = 0.01    # the reference's default relative dampening
@@ -70,25 +72,10 @@ def prepare_hessian(w_OI: jax.Array, hessian_II: jax.Array):
 
 def inverse_hessian_factor(h_II: jax.Array, percdamp: float) -> tuple[jax.Array, jax.Array]:
   """(U f32 [in, in] upper triangular with U^T U = (H + damp * mean(diag H) * I)^-1,
-  damp used); damp is NaN (and U not finite) if no dampening of `damp_schedule` works."""
-  n = h_II.shape[0]
-  eye = jnp.eye(n, dtype=jnp.float32)
-  mean_diag = jnp.mean(jnp.diagonal(h_II))
-  damps = jnp.asarray(damp_schedule(percdamp), jnp.float32)
-
-  def attempt(damp):
-    lower = jnp.linalg.cholesky(h_II + damp * mean_diag * eye)
-    h_inv = jax.scipy.linalg.cho_solve((lower, True), eye)
-    return jnp.linalg.cholesky(h_inv, upper=True)
-
-  def body(state):
-    i, _, _ = state
-    u = attempt(damps[i])
-    return i + 1, u, jnp.all(jnp.isfinite(u))
-
-  i, u, ok = lax.while_loop(lambda s: (~s[2]) & (s[0] < damps.shape[0]), body,
-                            (jnp.int32(0), jnp.full((n, n), jnp.nan, jnp.float32), False))
-  return u, jnp.where(ok, damps[jnp.maximum(i - 1, 0)], jnp.nan)
+  damp used); damp is NaN (and U not finite) if no dampening of `damp_schedule` works.
+  One factorization per try (`dtm.compress.factor`: the reference's three LAPACK steps
+  give the same U up to rounding, at several times the cost on CPU)."""
+  return factor.inverse_hessian_factor(h_II, jnp.asarray(damp_schedule(percdamp), jnp.float32))
 
 
 def _block_width(in_dim: int, blocksize: int, m: int | None) -> int:
