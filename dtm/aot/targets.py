@@ -22,8 +22,9 @@ Peak FLOP/s and HBM per chip (bf16 dense, vendor data sheets):
   h100 989e12, 80 GiB   NVIDIA H100 SXM data sheet (dense bf16)
   h200 989e12, 141 GB   NVIDIA H200 data sheet
   a100 312e12, 80 GiB   NVIDIA A100 data sheet
-The usable HBM is what the TPU compiler reserves less (v5e: 15.75 GiB of 16, as its
-RESOURCE_EXHAUSTED message states); a program over it fails to compile, and the dry run
+The usable HBM is what libtpu's compiler states as available in its RESOURCE_EXHAUSTED
+message (v4 30.75 GiB of 32, v5e 15.75 of 16, v5p 95.74, v6e 31.25; measured by compiling
+an oversized program for each); a program over it fails to compile, and the dry run
 reports that as does-not-fit.
 """
 from __future__ import annotations
@@ -39,9 +40,9 @@ GIB = 1024 ** 3
 
 # name -> (topology prefix, megacore, peak bf16 FLOP/s per chip, usable HBM bytes per chip)
 TPU_CHIPS = {
-    "v4": ("v4", True, 275e12, 32 * GIB),
+    "v4": ("v4", True, 275e12, int(30.75 * GIB)),
     "v5e": ("v5e", False, 197e12, int(15.75 * GIB)),
-    "v5p": ("v5", True, 459e12, 95 * GIB),
+    "v5p": ("v5", True, 459e12, int(95.74 * GIB)),
     "v6e": ("v6e", False, 918e12, int(31.25 * GIB)),
 }
 GPU_KINDS = {"h100": (989e12, 80 * GIB), "h200": (989e12, 141e9), "a100": (312e12, 80 * GIB)}
