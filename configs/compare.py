@@ -62,27 +62,8 @@ def get_config(arg=None):
   common.prompt_fields(config)
   common.ppl_fields(config)
   common.calibration_fields(config)
-  sampling = config.sampling = ml_collections.ConfigDict()
-  # Also compute DTMs under sampling decoding (dtm.sampling: shared Gumbel noise).
-  sampling.enabled = True
-  # Softmax temperature T > 0.
-  sampling.temperature = 1.0
-  # Keep the k most likely tokens (0 = off).
-  sampling.top_k = 0
-  # Nucleus: keep the smallest set of tokens with probability mass >= top_p (1 = off).
-  sampling.top_p = 0.9
-  # Seed of the noise shared by F and F'.
-  sampling.seed = 0
-  tasks = config.tasks = ml_collections.ConfigDict()
-  # Zero-shot tasks (lm-evaluation-harness through dtm.tasks.DtmLM), comma-separated, e.g.
-  # 'piqa,arc_easy'; '' = no task accuracy. Their mean accuracy joins the correlations.
-  tasks.names = ""
-  # Documents per task (0 = all).
-  tasks.limit = 200
-  # Requests per forward pass.
-  tasks.batch_size = 16
-  # Task data: 'auto' (local copies when HF_DATASETS_OFFLINE/HF_HUB_OFFLINE), 'local', 'hub'.
-  tasks.task_data = "auto"
+  _sampling_fields(config)
+  _task_fields(config)
   # FDT_α levels to report.
   config.alphas = (0.75, 0.9)
   # Metrics whose rank correlations (Spearman, across compressions) are reported.
@@ -94,17 +75,51 @@ def get_config(arg=None):
   config.prompts.new_tokens = 32
   config.ppl.max_windows = 16
   if arg.runlocal:
-    config.compressions = ("mlp@*:magnitude(0.5)", "q@0:magnitude(0.9)", "*@*:absmax(bits=4)")
-    config.domains.prose = _domain("default")
-    config.prompts.num = 4
-    config.prompts.length = 16
-    config.prompts.new_tokens = 8
-    config.prompts.batch_size = 4
-    config.ppl.window = 32
-    config.ppl.ctx = 16
-    config.ppl.max_windows = 2
-    config.calibration.source = "default"
-    config.calibration.samples = 4
-    config.calibration.length = 16
-    config.calibration.batch_size = 4
+    _runlocal(config)
   return config
+
+
+def _sampling_fields(config: ml_collections.ConfigDict) -> None:
+  """config.sampling: DTMs under sampling decoding."""
+  sampling = config.sampling = ml_collections.ConfigDict()
+  # Also compute DTMs under sampling decoding (dtm.sampling: shared Gumbel noise).
+  sampling.enabled = True
+  # Softmax temperature T > 0.
+  sampling.temperature = 1.0
+  # Keep the k most likely tokens (0 = off).
+  sampling.top_k = 0
+  # Nucleus: keep the smallest set of tokens with probability mass >= top_p (1 = off).
+  sampling.top_p = 0.9
+  # Seed of the noise shared by F and F'.
+  sampling.seed = 0
+
+
+def _task_fields(config: ml_collections.ConfigDict) -> None:
+  """config.tasks: zero-shot task accuracy (lm-evaluation-harness)."""
+  tasks = config.tasks = ml_collections.ConfigDict()
+  # Zero-shot tasks (lm-evaluation-harness through dtm.tasks.DtmLM), comma-separated, e.g.
+  # 'piqa,arc_easy'; '' = no task accuracy. Their mean accuracy joins the correlations.
+  tasks.names = ""
+  # Documents per task (0 = all).
+  tasks.limit = 200
+  # Requests per forward pass.
+  tasks.batch_size = 16
+  # Task data: 'auto' (local copies when HF_DATASETS_OFFLINE/HF_HUB_OFFLINE), 'local', 'hub'.
+  tasks.task_data = "auto"
+
+
+def _runlocal(config: ml_collections.ConfigDict) -> None:
+  """A tiny CPU run for tests: three compressions, 4 prompts, 2 PPL windows."""
+  config.compressions = ("mlp@*:magnitude(0.5)", "q@0:magnitude(0.9)", "*@*:absmax(bits=4)")
+  config.domains.prose = _domain("default")
+  config.prompts.num = 4
+  config.prompts.length = 16
+  config.prompts.new_tokens = 8
+  config.prompts.batch_size = 4
+  config.ppl.window = 32
+  config.ppl.ctx = 16
+  config.ppl.max_windows = 2
+  config.calibration.source = "default"
+  config.calibration.samples = 4
+  config.calibration.length = 16
+  config.calibration.batch_size = 4

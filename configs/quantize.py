@@ -24,6 +24,30 @@ def get_config(arg=None):
   # ranking probes) are drawn from the same data with search.selection_seed.
   common.prompt_fields(config)
   common.calibration_fields(config)
+  s = _search_fields(config)
+  # CPU-only hosts: JAX CPU devices (0 = one per core); see configs/probe.py.
+  config.cpu_devices = 0
+
+  config.data.source = "text"
+  config.data.data_files = "../shared/data/wikitext-2-raw/wiki.test.raw"
+  config.prompts.num = 16
+  config.prompts.length = 32
+  config.prompts.new_tokens = 32
+  if arg.mixed:
+    s.levels = (4, 8)
+    s.method_args = "granularity=group,group_size=64"
+  if arg.model != "smollm2":
+    config.param_dtype = config.dtype = "bfloat16"
+    config.data.source = "wikitext-2-raw-v1"
+    config.data.data_files = ""
+    config.prompts.num = 64
+  if arg.runlocal:
+    _runlocal(config)
+  return config
+
+
+def _search_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.search: the stages, the components, the rankings and the bounds."""
   s = config.search = ml_collections.ConfigDict()
   # Quantization method family (probe.method of the ranking probes): absmax | rtn | gptq.
   s.method = "absmax"
@@ -52,39 +76,27 @@ def get_config(arg=None):
   s.selection_jsonl = ""
   # Probes per device and call of the ranking sweep (0 = automatic).
   s.chunk_size = 0
-  # CPU-only hosts: JAX CPU devices (0 = one per core); see configs/probe.py.
-  config.cpu_devices = 0
+  return s
 
-  config.data.source = "text"
-  config.data.data_files = "../shared/data/wikitext-2-raw/wiki.test.raw"
-  config.prompts.num = 16
-  config.prompts.length = 32
-  config.prompts.new_tokens = 32
-  if arg.mixed:
-    s.levels = (4, 8)
-    s.method_args = "granularity=group,group_size=64"
-  if arg.model != "smollm2":
-    config.param_dtype = config.dtype = "bfloat16"
-    config.data.source = "wikitext-2-raw-v1"
-    config.data.data_files = ""
-    config.prompts.num = 64
-  if arg.runlocal:
-    # Held-out and selection prompts are windows of the same WikiText-2 stream drawn with
-    # prompts.seed and search.selection_seed (4 of the 64 shipped default prompts, one per
-    # document, drawn twice would overlap by chance).
-    config.data.max_docs = 400
-    config.prompts.num = 4
-    config.prompts.length = 12
-    config.prompts.new_tokens = 8
-    config.prompts.batch_size = 4
-    s.bounds = (6.0,)
-    s.levels = (3,)
-    # The first three layers (21 SmolLM2 components; all of the tests' 3-layer model).
-    s.layers = "0-2"
-    config.calibration.samples = 4
-    config.calibration.length = 16
-    config.calibration.batch_size = 4
-  return config
+
+def _runlocal(config: ml_collections.ConfigDict) -> None:
+  """A one-minute CPU run: 3-bit AbsMax on the first three layers, bound 6 of 8 tokens."""
+  s = config.search
+  # Held-out and selection prompts are windows of the same WikiText-2 stream drawn with
+  # prompts.seed and search.selection_seed (4 of the 64 shipped default prompts, one per
+  # document, drawn twice would overlap by chance).
+  config.data.max_docs = 400
+  config.prompts.num = 4
+  config.prompts.length = 12
+  config.prompts.new_tokens = 8
+  config.prompts.batch_size = 4
+  s.bounds = (6.0,)
+  s.levels = (3,)
+  # The first three layers (21 SmolLM2 components; all of the tests' 3-layer model).
+  s.layers = "0-2"
+  config.calibration.samples = 4
+  config.calibration.length = 16
+  config.calibration.batch_size = 4
 
 
 def sweep(add):

@@ -100,13 +100,36 @@ def _probe_config(config, level):
 
 
 def run(config, workdir: str) -> dict:
+  """The search (module docstring): scope, held-out references, ranking probes per stage,
+  then one search per (ranking, bound) over the resumable store of evaluations."""
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
   _check(config)
   s = config.search
   alpha, n = float(s.alpha), int(config.prompts.new_tokens)
   model = common.load(config)
-  cfg = model.cfg
+  methods, comps, numel, total = _scope(config, model)
+  calib = common.calibration_for(config, model, f"{s.kinds}@{s.layers}:{methods[0]}")
+  ev = common.build_eval_data(config, model.tokenizer, need_ppl=False)
+  y = common.references(config, model, ev.prompts, os.path.join(workdir, "heldout"))
+  held = evaluation.HeldOut(model.cfg, model.params, ev.prompts, y,
+                            batch_size=config.prompts.batch_size, alphas=(alpha,), kl=True)
+  stages_rows = _rank_stages(config, model, comps, ev.prompts, workdir)
+  identity = {"model": config.model, "model_source": model.source,
+              "param_dtype": config.param_dtype, "dtype": config.dtype,
+              "prompts": io_utils.array_fingerprint(ev.prompts), "new_tokens": n,
+              "alpha": alpha, "calibration": None if calib is None else calib[1]}
+  store = ProbeStore.open(os.path.join(workdir, "evals"), identity)
+  base = held.evaluate(model.params)
+  evaluate = _evaluator(config, model, held, calib, store, t0)
+  searches = _searches(config, methods, stages_rows, numel, total, evaluate, base)
+  return _finish(config, workdir, searches, methods, total, alpha, n, time.time() - t0)
+
+
+def _scope(config, model):
+  """(method string per stage, the components searched, {name: weights}, weights of every
+  linear kind): the stages' specs validated against the model."""
+  s = config.search
   num_layers, shapes = compress.kernel_shapes(model.params)
   methods = [method_text(config, lvl) for lvl in s.levels]
   scope = compress.validate(f"{s.kinds}@{s.layers}:{methods[0]}", num_layers, shapes)
@@ -116,18 +139,20 @@ def run(config, workdir: str) -> dict:
   numel = {c.name: int(np.prod(get_path(model.params, kernel_path(c.kind)).shape[1:]))
            for c in comps}
   total = sum(int(np.prod(get_path(model.params, kernel_path(k)).shape)) for k in shapes)
-  calib = common.calibration_for(config, model, f"{s.kinds}@{s.layers}:{methods[0]}")
+  return methods, comps, numel, total
 
-  ev = common.build_eval_data(config, model.tokenizer, need_ppl=False)
-  y = common.references(config, model, ev.prompts, os.path.join(workdir, "heldout"))
-  held = evaluation.HeldOut(cfg, model.params, ev.prompts, y,
-                            batch_size=config.prompts.batch_size, alphas=(alpha,), kl=True)
-  # ranking probes on the selection prompts (the probe job, resumable on its own)
+
+def _rank_stages(config, model, comps, heldout_prompts, workdir: str) -> list[list[dict]]:
+  """Per stage (level), the single-component rows the rankings read: the probe job on
+  the selection prompts (resumable on its own), or for activation methods one DTM pass
+  per component. DtmError if a selection prompt equals a held-out one."""
+  s = config.search
+  held = {r.tobytes() for r in heldout_prompts}
   stages_rows = []
   for lvl in s.levels:
     pc = _probe_config(config, lvl)
     sel = common.build_eval_data(pc, model.tokenizer, need_ppl=False).prompts
-    overlap = len({r.tobytes() for r in sel} & {r.tobytes() for r in ev.prompts})
+    overlap = len({r.tobytes() for r in sel} & held)
     if overlap:
       raise DtmError(f"{overlap} selection prompts equal held-out prompts; change "
                      f"search.selection_seed or prompts.seed")
@@ -137,13 +162,11 @@ def run(config, workdir: str) -> dict:
       continue
     out = probe_job.run(pc, os.path.join(workdir, f"probe-{lvl:g}"))
     stages_rows.append([{"component": r["component"], "aggregate": r} for r in out["rows"]])
+  return stages_rows
 
-  identity = {"model": config.model, "model_source": model.source,
-              "param_dtype": config.param_dtype, "dtype": config.dtype,
-              "prompts": io_utils.array_fingerprint(ev.prompts), "new_tokens": n,
-              "alpha": alpha, "calibration": None if calib is None else calib[1]}
-  store = ProbeStore.open(os.path.join(workdir, "evals"), identity)
-  base = held.evaluate(model.params)
+
+def _evaluator(config, model, held, calib, store: ProbeStore, t0: float):
+  """spec text -> held-out aggregate, computed once per spec and appended to `store`."""
   counter = {"new": 0}
 
   def evaluate(text: str) -> dict:
@@ -152,11 +175,16 @@ def run(config, workdir: str) -> dict:
       agg = held.evaluate(params_c)
       store.add([{"probe": text, "aggregate": agg}])
       counter["new"] += 1
-      done = len(store.records)
-      log.info("evaluated %d configurations (%.1f s/config)", done,
+      log.info("evaluated %d configurations (%.1f s/config)", len(store.records),
                (time.time() - t0) / max(1, counter["new"]))
     return store.records[text]["aggregate"]
+  return evaluate
 
+
+def _searches(config, methods, stages_rows, numel, total, evaluate, base) -> list[dict]:
+  """One `quant_search.search` per (ranking, bound), in config order -> their records."""
+  s = config.search
+  alpha = float(s.alpha)
   searches = []
   for rank_by in s.rank_by:
     stages = [(m, quant_search.rank(rows, rank_by, alpha, s.seed))
@@ -174,7 +202,7 @@ def run(config, workdir: str) -> dict:
             f"{res.share:.1%} of linear params, FDT_{alpha:g}="
             f"{res.aggregate[f'fdt_alpha_{alpha:g}']:.0f} ({len(res.steps)} configurations, "
             f"{time.time() - t1:.1f} s)", flush=True)
-  return _finish(config, workdir, searches, methods, total, alpha, n, time.time() - t0)
+  return searches
 
 
 def _rank_by_evaluation(pc, model, comps, method: str, prompts, rdir: str) -> list[dict]:

@@ -68,6 +68,42 @@ def _lse_parts(m, s):
   return m + jnp.log(s)
 
 
+def _online_sumexp(m_run, s_run, x, x_max):
+  """One chunk of an online log-sum-exp (flash-attention style rescaling).
+
+  m_run, s_run [B, T]: the running max m and Σ e^{x − m} over the chunks so far; x
+  [B, T, vc] this chunk's values, x_max [B, T] their max. Returns (m', s', e, r) with
+  m' = max(m, x_max), r = e^{m − m'} (the factor that rescales every running sum taken
+  relative to m), e = e^{x − m'} [B, T, vc] and s' = s r + Σ_v e_v. lse = m' + log s'.
+  """
+  new_m = jnp.maximum(m_run, x_max)
+  r = jnp.exp(m_run - new_m)
+  e = jnp.exp(x - new_m[..., None])
+  return new_m, s_run * r + jnp.sum(e, axis=-1), e, r
+
+
+class _Carry(NamedTuple):
+  """The vocabulary scan's running state, one [B, T] array per field."""
+  m1: jax.Array          # student: running max of s (τ = 1)
+  s1: jax.Array          #   Σ e^{s − m1}
+  mt: jax.Array          # teacher: running max of t/τ
+  st: jax.Array          #   Σ e^{t/τ − mt}
+  acc: jax.Array         #   Σ e^{t/τ − mt} (t − s)/τ
+  ty: jax.Array          # student's target logit s[y]
+  gt_val: jax.Array      # student's logit at the teacher's greedy token so far
+  gt_arg: jax.Array      # the teacher's greedy token so far (int32)
+  best_other: jax.Array  # the best student logit outside gt_arg
+  mq: jax.Array          # student: running max of s/τ
+  sq: jax.Array          #   Σ e^{s/τ − mq}
+
+  @classmethod
+  def start(cls, shape) -> "_Carry":
+    neg = jnp.full(shape, -jnp.inf)
+    zeros = jnp.zeros(shape, jnp.float32)
+    return cls(neg, zeros, neg, zeros, zeros, zeros, neg, jnp.zeros(shape, jnp.int32), neg, neg,
+               zeros)
+
+
 def chunked_loss(obj: Objective, x_BTD: jax.Array, head_VD: jax.Array, targets_BT: jax.Array,
                  mask_BT: jax.Array, teacher_x_BTD: jax.Array | None = None,
                  teacher_head_VD: jax.Array | None = None, *, dtype=jnp.float32) -> LossSums:
@@ -83,79 +119,81 @@ def chunked_loss(obj: Objective, x_BTD: jax.Array, head_VD: jax.Array, targets_B
   w, vc = _vocab_chunks(head_VD, chunk, dtype)
   x = x_BTD.astype(dtype)
   targets_BT = targets_BT.astype(jnp.int32)
-  mask = mask_BT.astype(jnp.float32)
-  shape = targets_BT.shape
-  distill = obj.needs_teacher
-  inv_tau = 1.0 / obj.temperature
-  if distill:
-    wt, _ = _vocab_chunks(jax.lax.stop_gradient(teacher_head_VD), chunk, dtype)
+  xs = {"w": w, "i": jnp.arange(w.shape[0], dtype=jnp.int32)}
+  xt = None
+  if obj.needs_teacher:
+    xs["wt"], _ = _vocab_chunks(jax.lax.stop_gradient(teacher_head_VD), chunk, dtype)
     xt = jax.lax.stop_gradient(teacher_x_BTD).astype(dtype)
-  else:
-    wt, xt = None, None
 
   def body(carry, c):
-    m1, s1, mt_, st, acc, ty, gt_val, gt_arg, best_other, mq, sq = carry
-    logits = jnp.einsum("btd,vd->btv", x, c["w"], preferred_element_type=jnp.float32)
-    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
-    valid = iota + c["i"] * vc < v
-    if v % vc:
-      logits = jnp.where(valid, logits, -jnp.inf)
-    # student log-normaliser at τ = 1 (online)
-    cmax = jnp.max(logits, axis=-1)
-    new_m1 = jnp.maximum(m1, cmax)
-    s1 = s1 * jnp.exp(m1 - new_m1) + jnp.sum(jnp.exp(logits - new_m1[..., None]), axis=-1)
-    local = targets_BT - c["i"] * vc
-    inside = (local >= 0) & (local < vc)
-    picked = jnp.take_along_axis(logits, jnp.clip(local, 0, vc - 1)[..., None], axis=-1)[..., 0]
-    ty = jnp.where(inside, picked, ty)
-    if distill:
-      tl = jnp.einsum("btd,vd->btv", xt, c["wt"], preferred_element_type=jnp.float32)
-      tl = jax.lax.stop_gradient(jnp.where(valid, tl, -jnp.inf) * inv_tau)
-      sl = logits * inv_tau
-      # student normaliser at τ
-      new_mq = jnp.maximum(mq, cmax * inv_tau)
-      sq = sq * jnp.exp(mq - new_mq) + jnp.sum(jnp.exp(sl - new_mq[..., None]), axis=-1)
-      # teacher normaliser and Σ e^{t − m} (t − s/τ), rescaled online
-      tmax = jnp.max(tl, axis=-1)
-      new_mt = jnp.maximum(mt_, tmax)
-      scale = jnp.exp(mt_ - new_mt)
-      e = jnp.exp(tl - new_mt[..., None])
-      st = st * scale + jnp.sum(e, axis=-1)
-      acc = acc * scale + jnp.sum(jnp.where(valid, e * (tl - sl), 0.0), axis=-1)
-      # teacher's greedy token (first max) and the student's logit there
-      carg = jnp.min(jnp.where(tl == tmax[..., None], iota, vc), axis=-1)
-      take = tmax > mt_
-      s_at = jnp.take_along_axis(logits, carg[..., None], axis=-1)[..., 0]
-      # the best student logit outside the teacher's argmax: keep the running max of the
-      # chunk's logits excluding the chunk argmax, plus the displaced previous candidate
-      masked = jnp.where(iota == carg[..., None], -jnp.inf, logits)
-      chunk_other = jnp.max(masked, axis=-1)
-      best_other = jnp.where(take, jnp.maximum(jnp.maximum(best_other, gt_val), chunk_other),
-                             jnp.maximum(best_other, cmax))
-      gt_val = jnp.where(take, s_at, gt_val)
-      gt_arg = jnp.where(take, carg + c["i"] * vc, gt_arg)
-      mt_, mq = new_mt, new_mq
-    return (new_m1, s1, mt_, st, acc, ty, gt_val, gt_arg, best_other, mq, sq), None
+    return _chunk_step(carry, c, x=x, xt=xt, targets_BT=targets_BT, v=v, vc=vc,
+                       inv_tau=1.0 / obj.temperature), None
 
-  neg = jnp.full(shape, -jnp.inf)
-  zeros = jnp.zeros(shape, jnp.float32)
-  init = (neg, zeros, neg, zeros, zeros, zeros, neg, jnp.zeros(shape, jnp.int32), neg, neg, zeros)
-  xs = {"w": w, "i": jnp.arange(w.shape[0], dtype=jnp.int32)}
-  if distill:
-    xs["wt"] = wt
   # Several chunks: recompute each chunk's logits in the backward pass instead of storing
   # them. One chunk (vocab_chunk=0 or >= V): store them, trading memory for one GEMM.
-  carry, _ = jax.lax.scan(jax.checkpoint(body) if w.shape[0] > 1 else body, init, xs)
-  m1, s1, mt_, st, acc, ty, gt_val, _, best_other, mq, sq = carry
-  ce = _lse_parts(m1, s1) - ty
-  ce_sum = jnp.sum(ce * mask)
+  carry, _ = jax.lax.scan(jax.checkpoint(body) if w.shape[0] > 1 else body,
+                          _Carry.start(targets_BT.shape), xs)
+  return _loss_sums(obj, carry, mask_BT.astype(jnp.float32))
+
+
+def _chunk_step(carry: _Carry, c, *, x, xt, targets_BT, v: int, vc: int, inv_tau: float) -> _Carry:
+  """One vocabulary chunk c = {'w': student head rows [vc, D], 'i': chunk index, 'wt':
+  teacher head rows (with a teacher)}: the student's normaliser and target logit, then
+  (xt given) the teacher's terms (`_distill_chunk`)."""
+  logits = jnp.einsum("btd,vd->btv", x, c["w"], preferred_element_type=jnp.float32)
+  iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+  valid = iota + c["i"] * vc < v
+  if v % vc:
+    logits = jnp.where(valid, logits, -jnp.inf)
+  cmax = jnp.max(logits, axis=-1)
+  m1, s1, _, _ = _online_sumexp(carry.m1, carry.s1, logits, cmax)  # student lse at τ = 1
+  local = targets_BT - c["i"] * vc
+  inside = (local >= 0) & (local < vc)
+  picked = jnp.take_along_axis(logits, jnp.clip(local, 0, vc - 1)[..., None], axis=-1)[..., 0]
+  new = carry._replace(m1=m1, s1=s1, ty=jnp.where(inside, picked, carry.ty))
+  if xt is None:
+    return new
+  return _distill_chunk(carry, new, c, logits, cmax, iota, valid, xt=xt, vc=vc, inv_tau=inv_tau)
+
+
+def _distill_chunk(carry: _Carry, new: _Carry, c, logits, cmax, iota, valid, *, xt, vc: int,
+                   inv_tau: float) -> _Carry:
+  """The teacher's terms of one chunk, on `new` (carry with the student's τ = 1 terms
+  updated): the student's normaliser at τ, the teacher's normaliser and Σ e^{t/τ − m}
+  (t − s)/τ, and the running greedy-token margin candidates (read from the old carry)."""
+  tl = jnp.einsum("btd,vd->btv", xt, c["wt"], preferred_element_type=jnp.float32)
+  tl = jax.lax.stop_gradient(jnp.where(valid, tl, -jnp.inf) * inv_tau)
+  sl = logits * inv_tau
+  mq, sq, _, _ = _online_sumexp(carry.mq, carry.sq, sl, cmax * inv_tau)  # student lse at τ
+  tmax = jnp.max(tl, axis=-1)
+  mt, st, e, r = _online_sumexp(carry.mt, carry.st, tl, tmax)
+  acc = carry.acc * r + jnp.sum(jnp.where(valid, e * (tl - sl), 0.0), axis=-1)
+  # teacher's greedy token (first max) and the student's logit there
+  carg = jnp.min(jnp.where(tl == tmax[..., None], iota, vc), axis=-1)
+  take = tmax > carry.mt
+  s_at = jnp.take_along_axis(logits, carg[..., None], axis=-1)[..., 0]
+  # the best student logit outside the teacher's argmax: keep the running max of the
+  # chunk's logits excluding the chunk argmax, plus the displaced previous candidate
+  chunk_other = jnp.max(jnp.where(iota == carg[..., None], -jnp.inf, logits), axis=-1)
+  best_other = jnp.where(take,
+                         jnp.maximum(jnp.maximum(carry.best_other, carry.gt_val), chunk_other),
+                         jnp.maximum(carry.best_other, cmax))
+  return new._replace(mt=mt, st=st, acc=acc, mq=mq, sq=sq, best_other=best_other,
+                      gt_val=jnp.where(take, s_at, carry.gt_val),
+                      gt_arg=jnp.where(take, carg + c["i"] * vc, carry.gt_arg))
+
+
+def _loss_sums(obj: Objective, carry: _Carry, mask: jax.Array) -> LossSums:
+  """The sums of CE, KL and the (weighted) loss from the scan's final state."""
+  ce_sum = jnp.sum((_lse_parts(carry.m1, carry.s1) - carry.ty) * mask)
   tokens = jnp.sum(mask)
-  if not distill:
+  if not obj.needs_teacher:
     return LossSums(ce_sum, ce_sum, jnp.zeros((), jnp.float32), tokens)
-  kl = obj.temperature ** 2 * (acc / st - _lse_parts(mt_, st) + _lse_parts(mq, sq))
+  kl = obj.temperature ** 2 * (carry.acc / carry.st - _lse_parts(carry.mt, carry.st)
+                               + _lse_parts(carry.mq, carry.sq))
   weight = jnp.ones_like(kl)
   if obj.div_weight > 0:
-    margin = jax.lax.stop_gradient(gt_val - best_other)
+    margin = jax.lax.stop_gradient(carry.gt_val - carry.best_other)
     weight = 1.0 + obj.div_weight * jax.nn.sigmoid(-margin / obj.div_margin)
     weight = weight * tokens / jnp.maximum(jnp.sum(weight * mask), 1e-9)
     weight = jax.lax.stop_gradient(weight)
