@@ -11,9 +11,9 @@ and counts calls from the config:
     compression (and the original model) the DTM pass, the perplexity windows and the
     sampled DTMs; the compression of each spec;
   * lm_eval: per spec its compression and the packed lm-eval forward (`packed_hidden`,
-    `packed_scores`) on `batch_size` rows of the longest row the job can form
-    (max_length tokens); how many batches a task needs depends on its documents, which the
-    dry run does not read, so calls are per batch.
+    `packed_scores`) on `batch_size` rows of max_length tokens (unset: 256, multiple-choice
+    tasks' rows); how many batches a task needs depends on its documents, which the dry
+    run does not read, so calls are per batch.
 The compression of a spec (`compress_fns`) is one `apply._compress_layers` per (kind,
 method) group, as `compress.apply_spec` runs it, plus the calibration layer pass and the
 largest solve for calibrated methods (`plans.calibration_fns`).
@@ -142,12 +142,15 @@ def lm_eval_fns(config, cfg, target) -> list[Fn]:
   like = plans.like_params(loaded, mesh)
   specs = lm_eval.parse_specs(config.compression)
   b = int(config.batch_size)
-  t = max(bucket(int(config.max_length) or cfg.max_position_embeddings), lm_eval_model.ROW_MIN)
+  # rows are as long as the longest request (>= ROW_MIN), which the dry run cannot see
+  # without the task data: max_length when given, else two ROW_MIN (multiple-choice
+  # requests such as PIQA's and HellaSwag's typically fit 256 tokens)
+  t = max(bucket(int(config.max_length) or 2 * lm_eval_model.ROW_MIN), lm_eval_model.ROW_MIN)
   rows = lambda dtype=jnp.int32: plans._struct((b, t), dtype, like)
   k = b * t  # target positions: at most every token of the batch
   plain = cfg.replace(remat=False)
-  note = (f"per batch of {b} rows x {t} tokens (max_length: the longest row the job forms); "
-          "batches per task depend on its documents")
+  note = (f"per batch of {b} rows x {t} tokens (longer requests: set max_length); batches "
+          "per task depend on its documents")
   fns = [Fn("lm-eval packed forward", lm_eval_model.packed_hidden,
             (plain, loaded, rows(), rows(), rows(), rows()), len(specs),
             plans.forward_flops(cfg, b, t, head_rows=0), note),
