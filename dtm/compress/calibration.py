@@ -56,12 +56,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dtm import data
 from dtm.components import KINDS, Component, kernel_path
 from dtm.errors import DtmError
-from dtm.compress import act_quant
+from dtm.compress import act_quant, site
 from dtm.compress.apply import (apply_spec, compress_calibrated, compress_kernel,
                                 expand_allocations, keep_grid, kernel_shapes, report_entry,
                                 set_kernel_layers)
-from dtm.compress.spec import (CALIBRATED_METHODS, HESSIAN_METHODS, Method, Rule, Spec,
-                               needs_hessian, validate)
+from dtm.compress.spec import Method, Rule, Spec, needs_hessian, validate
 from dtm.model import MLP, Attention, DecoderLayer, Linear, Llama
 from dtm.model_config import ModelConfig
 
@@ -358,24 +357,11 @@ def calibrate_and_compress(cfg: ModelConfig, params, spec: str | Spec, windows, 
   activation: dict[Component, Method] = {}
 
   def visit(layer, lp, stats):
-    lp = dict(lp)
-    for kind, method in by_layer[layer].items():
-      comp = Component(layer, kind)
-      _, module, _, leaf = kernel_path(kind)
-      kernel = lp[module][kind][leaf]
-      if method.name in act_quant.ACTIVATION_METHODS:  # run-time modes: the kernel stays
-        activation[comp] = method                    # float, the layer output sees them
-        lp[module] = {**lp[module], kind: act_quant.layer_leaves(lp[module][kind], method)}
-        continue
-      if method.name in CALIBRATED_METHODS:
-        new, st = compress_calibrated(kernel, method, stats[comp], comp, kernel=True,
-                                      keep_grid=grids is not None)
-        keep_grid(grids, comp, st)
-      else:
-        new, st = compress_kernel(kernel, method)
-      lp[module] = {**lp[module], kind: {**lp[module][kind], leaf: new}}
+    lp, news, entries, acts = _compress_layer(layer, lp, by_layer[layer], stats, grids)
+    for kind, new in news.items():
       new_kernels.setdefault(kind, []).append((layer, new))
-      report[comp.name] = report_entry(method, jax.device_get(st))
+    report.update(entries)
+    activation.update(acts)
     return lp
 
   if by_layer:
@@ -391,6 +377,54 @@ def calibrate_and_compress(cfg: ModelConfig, params, spec: str | Spec, windows, 
   for comp, allocation in origin.items():
     report[comp.name]["allocation"] = allocation
   return new_params, dict(sorted(report.items()))
+
+
+def _compress_layer(layer: int, lp, methods: Mapping[str, Method],
+                    stats: Mapping[Component, InputStats], grids: dict | None):
+  """Compress the kinds of one layer's params `lp` (without the L axis) -> (new lp,
+  {kind: new kernel [in, out]}, {component name: report entry}, {Component: activation
+  method}). Calibrated methods run once per (input site, method) (`site.compress_site`:
+  q, k, v together, gate and up together); the stats come to the host once per layer.
+  A Hessian that cannot be factorized is re-run alone by `compress_calibrated`, which
+  raises its DtmError."""
+  lp = dict(lp)
+  groups: dict[tuple[str, Method], list[str]] = {}
+  pending: dict[Component, tuple[Method, Any]] = {}
+  news, activation = {}, {}
+  for kind, method in methods.items():
+    _, module, _, leaf = kernel_path(kind)
+    if method.name in act_quant.ACTIVATION_METHODS:  # run-time modes: the kernel stays
+      activation[Component(layer, kind)] = method    # float, the layer output sees them
+      lp[module] = {**lp[module], kind: act_quant.layer_leaves(lp[module][kind], method)}
+    elif method.name in site.METHODS:
+      groups.setdefault((SITE_OF_KIND[kind], method), []).append(kind)
+    else:
+      news[kind], st = compress_kernel(lp[module][kind][leaf], method)
+      pending[Component(layer, kind)] = (method, st)
+  original = {}
+  for (_, method), kinds in groups.items():
+    kernels = {kind: _kernel(lp, kind) for kind in kinds}
+    original.update(kernels)
+    new, st = site.compress_site(kernels, method, stats[Component(layer, kinds[0])],
+                                 keep_grid=grids is not None)
+    news.update(new)
+    pending.update({Component(layer, kind): (method, st[kind]) for kind in kinds})
+  host = jax.device_get({comp: st for comp, (_, st) in pending.items()})
+  entries = {}
+  for comp, (method, _) in pending.items():
+    if site.failed({comp.kind: host[comp]}):
+      compress_calibrated(original[comp.kind], method, stats[comp], comp, kernel=True)
+    keep_grid(grids, comp, host[comp])
+    entries[comp.name] = report_entry(method, host[comp])
+  for kind, new in news.items():
+    _, module, _, leaf = kernel_path(kind)
+    lp[module] = {**lp[module], kind: {**lp[module][kind], leaf: new}}
+  return lp, news, entries, activation
+
+
+def _kernel(lp, kind: str) -> jax.Array:
+  _, module, _, leaf = kernel_path(kind)
+  return lp[module][kind][leaf]
 
 
 def _expand_allocations(cfg, params, resolved, windows, batch_size, mesh, axis, progress):

@@ -26,7 +26,8 @@ Steps (all float32, as the reference):
      the reference's prunen is the number pruned); ties -> lower index pruned first.
   4. column by column: q = w with the masked entries zeroed, err = (w - q) / U_ii,
      W[:, i:] -= err U[i, i:] inside the block; after the block the lazy batch update
-     W[:, later] -= Err U[block, later].
+     W[:, later] -= Err U[block, later]. (Computed on the kernel layout W^T, where a
+     column is a contiguous row, `obs_prune_kernel`.)
 
 Failure: if a Cholesky factor is not finite (H not positive definite after dampening:
 NaN/inf activations, or a matrix that is not a Gram matrix), the relative dampening is
@@ -110,63 +111,83 @@ def obs_prune(w_OI: jax.Array, u_II: jax.Array, rate: float | None, n: int | Non
   """Steps 3-4 of the module doc on f32 W [out, in] (dead columns already zeroed) and
   U [in, in]; returns the pruned, updated f32 W. ks: (k_full, k_last) int32 scalars that
   may be traced, replacing `rate` (unstructured; `block_counts(rate, ...)`), so one
-  compiled solve serves every rate (`sparsegpt_levels`)."""
+  compiled solve serves every rate (`sparsegpt_levels`). Runs `obs_prune_kernel`."""
   out_dim, in_dim = w_OI.shape
+  if ks is not None:
+    ks_S2 = jnp.stack([jnp.asarray(ks[0], jnp.int32), jnp.asarray(ks[1], jnp.int32)])[None]
+  elif rate:
+    ks_S2 = jnp.asarray([block_counts(rate, out_dim, in_dim, blocksize)], jnp.int32)
+  else:
+    ks_S2 = None
+  return obs_prune_kernel(w_OI.T, u_II, (out_dim,), ks_S2, n, m, blocksize).T
+
+
+def obs_prune_kernel(k_IO: jax.Array, u_II: jax.Array, segments: tuple[int, ...],
+                     ks_S2: jax.Array | None, n: int | None, m: int | None,
+                     blocksize: int) -> jax.Array:
+  """Steps 3-4 on the kernel layout K = W^T f32 [in, out] (input column j of W is row j
+  of K, contiguous; dead inputs already zeroed) -> the pruned, updated K.
+
+  The output columns are `segments` (static widths summing to out): matrices that
+  share this input and H (q, k, v; gate, up) side by side. Every OBS step is per output
+  row of W, so the segments do not interact, except for the unstructured block
+  threshold, which is taken per segment with its own (k_full, k_last) = ks_S2[s]
+  (int32 [S, 2], may be traced; `block_counts`). ks_S2 None: n:m (n, m given) or no
+  pruning. Equal to one call per segment (tested)."""
+  in_dim, out_dim = k_IO.shape
   bs = _block_width(in_dim, blocksize, m)
   num_blocks = math.ceil(in_dim / bs)
   padded = num_blocks * bs
   pad = padded - in_dim
-  # Padding columns: w = 0, U = identity there; they neither change nor are changed by
-  # the real columns (U is block-diagonal across the pad) and never enter a mask.
-  w = jnp.pad(w_OI, ((0, 0), (0, pad)))
+  # Padding inputs: K = 0, U = identity there; they neither change nor are changed by
+  # the real inputs (U is block-diagonal across the pad) and never enter a mask.
+  k = jnp.pad(k_IO, ((0, pad), (0, 0)))
   u = jnp.pad(u_II, ((0, pad), (0, pad))) + jnp.diag(
       (jnp.arange(padded) >= in_dim).astype(jnp.float32))
-  if ks is not None:
-    k_full, k_last = ks
-  else:
-    k_full, k_last = block_counts(rate, out_dim, in_dim, blocksize) if rate else (0, 0)
-  unstructured = bool(rate) or ks is not None
+  starts = [sum(segments[:i]) for i in range(len(segments))]
 
-  def block(b, w):
+  def block(b, k):
     i1 = b * bs
-    w1 = lax.dynamic_slice_in_dim(w, i1, bs, axis=1)             # [out, bs]
+    k1 = lax.dynamic_slice_in_dim(k, i1, bs, axis=0)              # [bs, out]
     u1 = lax.dynamic_slice(u, (i1, i1), (bs, bs))                 # [bs, bs]
     d1 = jnp.diagonal(u1)
-    if unstructured:
+    if ks_S2 is not None:
       valid = i1 + jnp.arange(bs) < in_dim
-      score = jnp.where(valid[None, :], w1 * w1 / (d1 * d1)[None, :], jnp.inf)
-      k = jnp.where(b == num_blocks - 1, k_last, k_full)
-      mask1 = score <= _sorted_at(score, k)
+      score = jnp.where(valid[:, None], k1 * k1 / (d1 * d1)[:, None], jnp.inf)
+      masks = []
+      for seg, (start, width) in enumerate(zip(starts, segments)):
+        sc = score[:, start:start + width]
+        kk = jnp.where(b == num_blocks - 1, ks_S2[seg, 1], ks_S2[seg, 0])
+        masks.append(sc <= _sorted_at(sc, kk))
+      mask1 = masks[0] if len(masks) == 1 else jnp.concatenate(masks, axis=1)
     else:
-      mask1 = jnp.zeros((out_dim, bs), bool)
+      mask1 = jnp.zeros((bs, out_dim), bool)
 
     def column(i, carry):
-      w1, q1, err1, mask1 = carry
+      k1, q1, err1, mask1 = carry
       if n is not None:
         def select(mask1):
-          group = lax.dynamic_slice_in_dim(w1, i, m, axis=1)
+          group = lax.dynamic_slice_in_dim(k1, i, m, axis=0)      # [m, out]
           dg = lax.dynamic_slice_in_dim(d1, i, m)
-          pruned = _nm_group_pruned(group * group / (dg * dg)[None, :], n, m)
-          return lax.dynamic_update_slice_in_dim(mask1, pruned, i, axis=1)
+          pruned = _nm_group_pruned((group * group / (dg * dg)[:, None]).T, n, m)
+          return lax.dynamic_update_slice_in_dim(mask1, pruned.T, i, axis=0)
         mask1 = lax.cond(i % m == 0, select, lambda x: x, mask1)
-      wi = lax.dynamic_index_in_dim(w1, i, axis=1, keepdims=False)   # [out]
-      q = jnp.where(lax.dynamic_index_in_dim(mask1, i, axis=1, keepdims=False), 0.0, wi)
+      wi = k1[i]                                                   # input i's weights [out]
+      q = jnp.where(mask1[i], 0.0, wi)
       err = (wi - q) / u1[i, i]
-      # U is upper triangular: U[i, :i] == 0, so this only changes columns >= i.
-      w1 = w1 - err[:, None] * u1[i][None, :]
-      q1 = lax.dynamic_update_index_in_dim(q1, q, i, axis=1)
-      err1 = lax.dynamic_update_index_in_dim(err1, err, i, axis=1)
-      return w1, q1, err1, mask1
+      # U is upper triangular: U[i, :i] == 0, so this only changes inputs >= i.
+      k1 = k1 - u1[i][:, None] * err[None, :]
+      return k1, q1.at[i].set(q), err1.at[i].set(err), mask1
 
-    zeros = jnp.zeros((out_dim, bs), jnp.float32)
-    _, q1, err1, _ = lax.fori_loop(0, bs, column, (w1, zeros, zeros, mask1))
+    zeros = jnp.zeros((bs, out_dim), jnp.float32)
+    _, q1, err1, _ = lax.fori_loop(0, bs, column, (k1, zeros, zeros, mask1))
     rows = lax.dynamic_slice_in_dim(u, i1, bs, axis=0)             # [bs, padded]
     later = jnp.arange(padded) >= i1 + bs
-    w = jnp.where(later[None, :], w - jnp.dot(err1, rows, precision=_HI), w)
-    return lax.dynamic_update_slice_in_dim(w, q1, i1, axis=1)
+    k = jnp.where(later[:, None], k - jnp.dot(rows.T, err1, precision=_HI), k)
+    return lax.dynamic_update_slice_in_dim(k, q1, i1, axis=0)
 
-  w = lax.fori_loop(0, num_blocks, block, w)
-  return w[:, :in_dim]
+  k = lax.fori_loop(0, num_blocks, block, k)
+  return k[:in_dim]
 
 
 @functools.partial(jax.jit, static_argnames=("rate", "n", "m", "percdamp", "blocksize"))
