@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from dtm.metrics import _vocab_chunks
+from dtm.train.ce import cross_entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +120,11 @@ def chunked_loss(obj: Objective, x_BTD: jax.Array, head_VD: jax.Array, targets_B
   w, vc = _vocab_chunks(head_VD, chunk, dtype)
   x = x_BTD.astype(dtype)
   targets_BT = targets_BT.astype(jnp.int32)
+  if not obj.needs_teacher:  # CE only: the hand-written backward of dtm.train.ce
+    ce_BT = cross_entropy(x.reshape(-1, x.shape[-1]), w, targets_BT.reshape(-1), v)
+    mask = mask_BT.astype(jnp.float32)
+    ce_sum = jnp.sum(ce_BT.reshape(targets_BT.shape) * mask)
+    return LossSums(ce_sum, ce_sum, jnp.zeros((), jnp.float32), jnp.sum(mask))
   xs = {"w": w, "i": jnp.arange(w.shape[0], dtype=jnp.int32)}
   xt = None
   if obj.needs_teacher:
@@ -145,11 +151,14 @@ def _chunk_step(carry: _Carry, c, *, x, xt, targets_BT, v: int, vc: int, inv_tau
   valid = iota + c["i"] * vc < v
   if v % vc:
     logits = jnp.where(valid, logits, -jnp.inf)
-  cmax = jnp.max(logits, axis=-1)
+  # The running maxima only shift the log-sum-exps (no gradient flows through them), and
+  # logits are picked by a masked sum, not a gather: autodiff then adds no compare pass
+  # and no scatter over the [B, T, vc] chunk.
+  cmax = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
   m1, s1, _, _ = _online_sumexp(carry.m1, carry.s1, logits, cmax)  # student lse at τ = 1
   local = targets_BT - c["i"] * vc
   inside = (local >= 0) & (local < vc)
-  picked = jnp.take_along_axis(logits, jnp.clip(local, 0, vc - 1)[..., None], axis=-1)[..., 0]
+  picked = jnp.sum(jnp.where(iota == local[..., None], logits, 0.0), axis=-1)
   new = carry._replace(m1=m1, s1=s1, ty=jnp.where(inside, picked, carry.ty))
   if xt is None:
     return new
@@ -171,7 +180,7 @@ def _distill_chunk(carry: _Carry, new: _Carry, c, logits, cmax, iota, valid, *, 
   # teacher's greedy token (first max) and the student's logit there
   carg = jnp.min(jnp.where(tl == tmax[..., None], iota, vc), axis=-1)
   take = tmax > carry.mt
-  s_at = jnp.take_along_axis(logits, carg[..., None], axis=-1)[..., 0]
+  s_at = jnp.sum(jnp.where(iota == carg[..., None], logits, 0.0), axis=-1)
   # the best student logit outside the teacher's argmax: keep the running max of the
   # chunk's logits excluding the chunk argmax, plus the displaced previous candidate
   chunk_other = jnp.max(jnp.where(iota == carg[..., None], -jnp.inf, logits), axis=-1)
