@@ -12,7 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dtm import metrics
-from dtm.generate import greedy_generate
+from dtm.generate import bucket, greedy_generate
 from dtm.model import Llama, head_matrix
 from dtm.model_config import ModelConfig
 
@@ -78,9 +78,15 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
   return np.concatenate([x, np.repeat(x[-1:], rows - x.shape[0], axis=0)])
 
 
-def generate_references(cfg: ModelConfig, params, prompts_PC: np.ndarray, num_new: int,
+def generate_references(cfg: ModelConfig, params, prompts_PC, num_new: int,
                         batch_size: int, desc: str = "references") -> np.ndarray:
-  """y = greedy(F, p, N) for every prompt: int32 [P, N]."""
+  """y = greedy(F, p, N) for every prompt: int32 [P, N].
+
+  prompts_PC: int [P, c] (one length), or a sequence of P 1-D token arrays of mixed
+  lengths (`ragged_references`)."""
+  if len({len(p) for p in prompts_PC}) > 1:
+    return ragged_references(cfg, params, prompts_PC, num_new, batch_size, desc)
+  prompts_PC = np.asarray(prompts_PC)
   batch_size = batch_rows(len(prompts_PC), batch_size)
   out = []
   for sl in tqdm(list(_batches(len(prompts_PC), batch_size)), desc=desc, unit="batch"):
@@ -88,6 +94,30 @@ def generate_references(cfg: ModelConfig, params, prompts_PC: np.ndarray, num_ne
     y = greedy_generate(cfg, params, jnp.asarray(_pad_rows(chunk, batch_size)), num_new)
     out.append(np.asarray(y)[: len(chunk)])
   return np.concatenate(out).astype(np.int32)
+
+
+def ragged_references(cfg: ModelConfig, params, prompts, num_new: int, batch_size: int,
+                      desc: str = "references") -> np.ndarray:
+  """greedy(F, p, N) for P prompts of mixed lengths: int32 [P, N], row i equal to
+  decoding prompt i alone. Prompts are taken longest first (rows of a batch have similar
+  lengths), right-padded to `bucket` of the batch's longest (a few compiled widths) and
+  decoded with a cache index per row (`greedy_generate` with lengths)."""
+  prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+  if any(len(p) == 0 for p in prompts):
+    raise ValueError("empty prompt: every prompt needs at least one token")
+  order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+  batch_size = batch_rows(len(prompts), batch_size)
+  out = np.zeros((len(prompts), num_new), np.int32)
+  for sl in tqdm(list(_batches(len(order), batch_size)), desc=desc, unit="batch"):
+    rows = order[sl]
+    lengths = np.array([len(prompts[i]) for i in rows], np.int32)
+    tokens = np.zeros((len(rows), bucket(int(lengths.max()))), np.int32)
+    for r, i in enumerate(rows):
+      tokens[r, :lengths[r]] = prompts[i]
+    y = greedy_generate(cfg, params, jnp.asarray(_pad_rows(tokens, batch_size)), num_new,
+                        jnp.asarray(_pad_rows(lengths, batch_size)))
+    out[rows] = np.asarray(y)[: len(rows)]
+  return out
 
 
 def base_reference(cfg, params, seq_PS: np.ndarray, c: int, batch_size: int):

@@ -125,6 +125,17 @@ class Linear(nn.Module):
     return y if self.out_f32 else y.astype(self.dtype)
 
 
+def _cache_write(cache_BSHK: Array, new_BTHK: Array, index) -> Array:
+  """The cache with the T new rows written at slots index..index+T-1: index a scalar
+  (every row, one dynamic_update_slice) or int32 [B] (per row, e.g. prompts of mixed
+  lengths decoding in one batch)."""
+  new = new_BTHK.astype(cache_BSHK.dtype)
+  if jnp.ndim(index) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(cache_BSHK, new, index, 1)
+  write = lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, 0)
+  return jax.vmap(write)(cache_BSHK, new, index)
+
+
 class Attention(nn.Module):
   """Grouped-query causal self-attention with an optional KV cache.
 
@@ -156,16 +167,15 @@ class Attention(nn.Module):
     q = apply_rope(q, pos_q, inv_freq, scale=1.0 / math.sqrt(kd))
     k = apply_rope(k, positions_T, inv_freq)
     if cache is not None:
-      k_cache, v_cache = cache
-      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, 1)
+      k, v = _cache_write(cache[0], k, cache_index), _cache_write(cache[1], v, cache_index)
       new_cache = (k, v)
     else:
       new_cache = None
     s = k.shape[1]
     # Causal mask as an additive bias (key index = absolute position in the cache layout).
-    if mask_BTS is None:
-      bias = jnp.where(jnp.arange(s)[None, :] <= pos_q[:, None], 0.0, -jnp.inf)
+    if mask_BTS is None:  # [T, S], or [B, 1, 1, T, S] with per-row positions
+      bias = jnp.where(jnp.arange(s) <= pos_q[..., None], 0.0, -jnp.inf)
+      bias = bias if bias.ndim == 2 else bias[:, None, None]
     else:
       bias = jnp.where(mask_BTS[:, qs:], 0.0, -jnp.inf)[:, None, None]
     out = _attention(q, k, v, bias, dt, cfg.attention_chunk if cache is None else 0)
@@ -264,8 +274,9 @@ class DecoderLayer(nn.Module):
 
 
 def _positions(t: int, cache_index) -> Array:
+  """Positions of T new tokens: [T] from a scalar start, [B, T] from per-row starts [B]."""
   start = 0 if cache_index is None else cache_index
-  return start + jnp.arange(t, dtype=jnp.int32)
+  return jnp.asarray(start, jnp.int32)[..., None] + jnp.arange(t, dtype=jnp.int32)
 
 
 class Llama(nn.Module):

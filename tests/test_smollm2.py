@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import torch_or_skip
-from dtm import checkpoint, convert, data
+from dtm import checkpoint, convert, data, evaluation
 from dtm.generate import greedy_generate
 from dtm.loading import load_model
 from dtm.model import Llama
@@ -84,6 +84,18 @@ def test_greedy_continuations_match_hf_generate(smollm2, hf_gguf, wikitext_token
   ref = out[:, prompts.shape[1]:].numpy()
   assert ref.shape == ours.shape == (8, 32)
   np.testing.assert_array_equal(ours, ref)
+
+
+def test_mixed_length_references_equal_one_at_a_time(smollm2, wikitext_tokens):
+  """Prompts of mixed lengths in one batch (right-padded, a cache index per row) give,
+  token for token, what each prompt gives alone through the equal-length path."""
+  windows = data.prompt_windows(wikitext_tokens, num=4, length=40, seed=3, bos_id=None)
+  prompts = [w[:n] for w, n in zip(windows, (40, 7, 23, 1))]
+  got = evaluation.generate_references(smollm2.cfg, smollm2.params, prompts, 16, batch_size=4)
+  assert got.shape == (4, 16)
+  for p, row in zip(prompts, got):
+    alone = greedy_generate(smollm2.cfg, smollm2.params, jnp.asarray(p[None]), 16)
+    np.testing.assert_array_equal(row, np.asarray(alone)[0])
 
 
 def test_export_hf_loads_in_transformers_and_round_trips(smollm2, wikitext_tokens, tmp_path):

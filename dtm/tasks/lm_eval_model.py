@@ -13,7 +13,9 @@ does, so a task gives the same numbers through either:
 * loglikelihood_rolling: lm-eval's disjoint rolling windows of max_length tokens (first
   window after the prefix token), summed;
 * generate_until: greedy decoding with the KV cache, cut at the first stop sequence
-  (and EOS), context left-truncated to max_length - max_gen_toks.
+  (and EOS), context left-truncated to max_length - max_gen_toks; `batch_size` requests
+  of mixed lengths per decoding call, each with its own stop sequences and max_gen_toks
+  (`dtm.tasks.decoding`), every output the one the request gets alone.
 
 Requests are packed, not padded: the continuations of one context share a single copy
 of it (multiple-choice tasks score every choice after the same context), and such
@@ -42,22 +44,12 @@ from tqdm.auto import tqdm
 from dtm import compress
 from dtm.errors import DtmError
 from dtm.loading import LoadedModel, load_model
-from dtm.model import KVCache, Llama
+from dtm.generate import bucket
+from dtm.model import Llama
+from dtm.tasks import decoding
 from dtm.model_config import ModelConfig
 
 log = logging.getLogger("dtm")
-
-GEN_CHUNK = 16  # decoding steps per compiled call between host checks for stop sequences
-
-
-def bucket(n: int, cap: int | None = None, minimum: int = 16) -> int:
-  """Padded length for n >= 1 tokens: n rounded up to a multiple of max(minimum, 2^(b-3)),
-  b = bit length of n-1 (under 25 % padding past 64 tokens, four shapes per doubling of
-  length), at most `cap`."""
-  step = max(minimum, 1 << max(0, (n - 1).bit_length() - 3))
-  out = -(-n // step) * step
-  return min(out, cap) if cap else out
-
 
 ROW_MIN = 128  # shortest packed row (tokens): room for a context and its choices
 
@@ -181,36 +173,6 @@ def packed_scores(cfg: ModelConfig, params, h_BTD, flat_K, targets_K):
   logp_KV = jax.nn.log_softmax(logits_KV.astype(jnp.float32), axis=-1)
   logp_K = jnp.take_along_axis(logp_KV, targets_K[:, None], axis=-1)[:, 0]
   return logp_K, jnp.argmax(logits_KV, axis=-1) == targets_K
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
-def prefill(cfg: ModelConfig, params, tokens_1P, length, cache_len: int):
-  """Prompt tokens_1P (int32 [1, P], right-padded; the first `length` are real) into a
-  fresh KV cache of cache_len positions -> (first greedy token [1], cache). Padding
-  rows of the cache sit after the prompt and are overwritten by decoding before any
-  query can attend to them (causal mask by absolute position)."""
-  model = Llama(cfg)
-  cache = KVCache.zeros(cfg, 1, cache_len)
-  h_1PD, cache = model.apply({"params": params}, tokens_1P, cache, 0, method=Llama.hidden)
-  h_11D = jax.lax.dynamic_slice_in_dim(h_1PD, length - 1, 1, axis=1)
-  logits = model.apply({"params": params}, h_11D, method=Llama.logits)
-  return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "steps"), donate_argnames=("cache",))
-def decode(cfg: ModelConfig, params, token_1, cache: KVCache, index, steps: int):
-  """`steps` greedy steps: feed token_1 at position `index`, emit the argmax, repeat.
-  Returns (new tokens int32 [1, steps], cache)."""
-  model = Llama(cfg)
-
-  def step(carry, _):
-    token, cache, i = carry
-    logits, cache = model.apply({"params": params}, token[:, None], cache, i)
-    nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-    return (nxt, cache, i + 1), nxt
-
-  (_, cache, _), out_S1 = jax.lax.scan(step, (token_1, cache, index), None, length=steps)
-  return out_S1.T, cache
 
 
 @register_model("dtm")
@@ -360,41 +322,39 @@ class DtmLM(TemplateLM):
 
   # --- generation ---------------------------------------------------------------------
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-    """Greedy continuation of each context, cut at its first stop sequence (EOS is one)."""
+    """Greedy continuation of each context, cut at its first stop sequence (EOS is one):
+    `batch_size` requests per decoding call, longest contexts first, each with its own
+    stop sequences and max_gen_toks (lm-eval's `until` / `max_gen_toks` kwargs)."""
     t0 = time.perf_counter()
-    out = []
     eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-    for req in tqdm(requests, desc="dtm generate_until", unit="req", disable=disable_tqdm):
+    jobs = []
+    for req in requests:
       context, gen_kwargs = req.args
       until, max_new = _greedy_kwargs(gen_kwargs, self.max_gen_toks, eos_text)
       ctx = self.tok_encode(context, left_truncate_len=self.max_length - max_new)
-      text = self._greedy(ctx, max_new, until)
-      out.append(text)
-      self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+      jobs.append(decoding.Request(tuple(ctx or [self.prefix_token_id]), max_new, tuple(until)))
+    out: list[str | None] = [None] * len(requests)
+    bar = tqdm(total=len(requests), desc="dtm generate_until", unit="req", disable=disable_tqdm)
+    for batch in decoding.batches(jobs, self.batch_size):
+      rows = min(self.batch_size, 1 << (len(batch) - 1).bit_length())
+      news = decoding.generate_batch(self.cfg, self.params, [jobs[i] for i in batch], rows,
+                                     self._stopped)
+      for i, new in zip(batch, news):
+        out[i] = self._text(new, jobs[i])
+        self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
+      bar.update(len(batch))
+    bar.close()
     self.seconds["generate"] += time.perf_counter() - t0
     return out
 
-  def _greedy(self, ctx: list[int], max_new: int, until: list[str]) -> str:
-    if not ctx:
-      ctx = [self.prefix_token_id]
-    n = len(ctx)
-    p = bucket(n)
-    steps = -(-max(max_new - 1, 0) // GEN_CHUNK) * GEN_CHUNK
-    tokens = np.zeros((1, p), np.int32)
-    tokens[0, :n] = ctx
-    token, cache = prefill(self.cfg, self.params, jnp.asarray(tokens), jnp.int32(n),
-                           cache_len=p + steps + 1)
-    new = [int(token[0])]
-    while len(new) < max_new and not self._stopped(new, until):
-      chunk, cache = decode(self.cfg, self.params, token, cache, jnp.int32(n + len(new) - 1),
-                            GEN_CHUNK)
-      token = chunk[:, -1]
-      new += [int(x) for x in np.asarray(chunk[0])]
-    new = new[:max_new]
+  def _text(self, new: list[int], job: decoding.Request) -> str:
+    """lm-eval's answer from the new tokens: the first max_new, cut at EOS, decoded,
+    cut before the first occurrence of each stop sequence in turn."""
+    new = new[:job.max_new]
     if self.eot_token_id in new:
       new = new[:new.index(self.eot_token_id)]
     text = self.tok_decode(new)
-    for stop in until:
+    for stop in job.until:
       if stop:
         text = text.split(stop)[0]
     return text

@@ -60,6 +60,9 @@ LOCAL_TASKS: dict[str, LocalTask] = {
     "boolq": LocalTask("boolq/none", "validation", "google/boolq (answer -> label)",
                        _boolq_label),
     "rte": LocalTask("glue/rte", "validation", "glue (rte)"),
+    # generate_until (answers stored as the string of their list, which lm-eval's
+    # doc_to_target turns back into the list)
+    "nq_open": LocalTask("nq_open/none", "validation", "google-research-datasets/nq_open"),
 }
 
 
