@@ -29,13 +29,15 @@ Array = jax.Array
 
 
 class KVCache(NamedTuple):
-  """Per-layer key/value cache, stacked over layers: k, v [L, B, S, Hkv, K]."""
+  """Per-layer key/value cache, stacked over layers: k, v [L, B, Hkv, S, K] (head-major,
+  the layout the attention matmuls read, so a decode step reads each layer's slice as it
+  lies and writes only the new token's rows)."""
   k: Array
   v: Array
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> "KVCache":
-    shape = (cfg.num_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_key_value_heads, length, cfg.head_dim)
     dt = jnp.dtype(cfg.dtype)
     return cls(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
 
@@ -125,15 +127,48 @@ class Linear(nn.Module):
     return y if self.out_f32 else y.astype(self.dtype)
 
 
-def _cache_write(cache_BSHK: Array, new_BTHK: Array, index) -> Array:
-  """The cache with the T new rows written at slots index..index+T-1: index a scalar
-  (every row, one dynamic_update_slice) or int32 [B] (per row, e.g. prompts of mixed
-  lengths decoding in one batch)."""
-  new = new_BTHK.astype(cache_BSHK.dtype)
+def _cache_write(cache_LBkSK: Array, new_LBkTK: Array, index) -> Array:
+  """The stacked cache with the T new rows of every layer written at slots
+  index..index+T-1: index a scalar (every row, one dynamic_update_slice) or int32 [B]
+  (per row, e.g. prompts of mixed lengths decoding in one batch)."""
+  new = new_LBkTK.astype(cache_LBkSK.dtype)
   if jnp.ndim(index) == 0:
-    return jax.lax.dynamic_update_slice_in_dim(cache_BSHK, new, index, 1)
-  write = lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, 0)
-  return jax.vmap(write)(cache_BSHK, new, index)
+    return jax.lax.dynamic_update_slice_in_dim(cache_LBkSK, new, index, 3)
+  b, t = new.shape[1], new.shape[3]
+  slots_BT = index[:, None] + jnp.arange(t, dtype=index.dtype)  # one scatter, in place
+  return cache_LBkSK.at[:, jnp.arange(b)[:, None], :, slots_BT].set(
+      new.transpose(1, 3, 0, 2, 4), unique_indices=True)
+
+
+def _attend_cache(q_BTHK: Array, k_BTHK: Array, v_BTHK: Array, cache: tuple[Array, Array],
+                  start, dt) -> tuple[Array, tuple[Array, Array]]:
+  """Attention of T new tokens at positions start.. (start a scalar or int32 [B]) over
+  this layer's cached keys at slots < start and, causally, over the new tokens; the cache
+  (k, v [B, Hkv, S, K]) is only read: softmax over [cached keys; new keys] in two blocks,
+  so a decode step never copies the cache (`Llama.hidden` writes the new rows once, for
+  all layers). Returns (out [B, T, Hq*K] in dt, new rows (k, v) [B, Hkv, T, K])."""
+  b, t, hq, kd = q_BTHK.shape
+  k_old, v_old = cache
+  hkv, s = k_old.shape[1], k_old.shape[2]
+  g = hq // hkv
+  q = q_BTHK.reshape(b, t, hkv, g, kd).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, kd)
+  k_new = k_BTHK.transpose(0, 2, 1, 3).astype(k_old.dtype)
+  v_new = v_BTHK.transpose(0, 2, 1, 3).astype(v_old.dtype)
+  dot = lambda a, c: jnp.einsum("bkmd,bksd->bkms", a, c.astype(dt),
+                                preferred_element_type=jnp.float32)
+  old = jnp.where(jnp.arange(s) < jnp.asarray(start)[..., None], 0.0, -jnp.inf)  # [S] / [B, S]
+  old = old if old.ndim == 1 else old[:, None, None, None]
+  scores_old = dot(q, k_old).reshape(b, hkv, g, t, s) + old
+  causal = jnp.where(jnp.arange(t)[None, :] <= jnp.arange(t)[:, None], 0.0, -jnp.inf)
+  scores_new = dot(q, k_new).reshape(b, hkv, g, t, t) + causal
+  top = jnp.maximum(jnp.max(scores_old, -1, keepdims=True), jnp.max(scores_new, -1, keepdims=True))
+  e_old, e_new = jnp.exp(scores_old - top), jnp.exp(scores_new - top)
+  denom = jnp.sum(e_old, -1, keepdims=True) + jnp.sum(e_new, -1, keepdims=True)
+  pv = lambda e, c, n: jnp.einsum("bkms,bksd->bkmd", e.astype(dt).reshape(b, hkv, g * t, n),
+                                  c.astype(dt), preferred_element_type=jnp.float32)
+  out = (pv(e_old, v_old, s) + pv(e_new, v_new, t)).reshape(b, hkv, g, t, kd) / denom
+  out = out.astype(dt).transpose(0, 3, 1, 2, 4).reshape(b, t, hq * kd)
+  return out, (k_new, v_new)
 
 
 class Attention(nn.Module):
@@ -146,6 +181,10 @@ class Attention(nn.Module):
   With `mask_BTS` (bool, no cache) query t attends to key s where mask[b, t, s] instead
   of the causal rule, and positions are per row [B, T] (packed sequences, e.g. several
   continuations sharing one context in a row; every row of the mask needs one True).
+
+  With `cache` (this layer's k, v [B, Hkv, S, K], read only) the T new tokens sit at
+  positions cache_index.. (scalar or [B]) and the second output is their (k, v) rows
+  [B, Hkv, T, K] (`_attend_cache`); without, it is None.
   """
   cfg: ModelConfig
   query_start: int = 0
@@ -167,19 +206,16 @@ class Attention(nn.Module):
     q = apply_rope(q, pos_q, inv_freq, scale=1.0 / math.sqrt(kd))
     k = apply_rope(k, positions_T, inv_freq)
     if cache is not None:
-      k, v = _cache_write(cache[0], k, cache_index), _cache_write(cache[1], v, cache_index)
-      new_cache = (k, v)
-    else:
-      new_cache = None
+      out, new_rows = _attend_cache(q, k, v, cache, cache_index, dt)
+      return Linear(cfg.hidden_size, dt, pdt, name="o")(out), new_rows
     s = k.shape[1]
     # Causal mask as an additive bias (key index = absolute position in the cache layout).
-    if mask_BTS is None:  # [T, S], or [B, 1, 1, T, S] with per-row positions
-      bias = jnp.where(jnp.arange(s) <= pos_q[..., None], 0.0, -jnp.inf)
-      bias = bias if bias.ndim == 2 else bias[:, None, None]
+    if mask_BTS is None:
+      bias = jnp.where(jnp.arange(s)[None, :] <= pos_q[:, None], 0.0, -jnp.inf)
     else:
       bias = jnp.where(mask_BTS[:, qs:], 0.0, -jnp.inf)[:, None, None]
     out = _attention(q, k, v, bias, dt, cfg.attention_chunk if cache is None else 0)
-    return Linear(cfg.hidden_size, dt, pdt, name="o")(out), new_cache
+    return Linear(cfg.hidden_size, dt, pdt, name="o")(out), None
 
 
 def _attend(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, bias: Array, dt) -> Array:
@@ -318,9 +354,11 @@ class Llama(nn.Module):
       aux = (packing[0], None, packing[1])
     else:
       aux = (_positions(tokens_BT.shape[1], cache_index), cache_index)
-    per_layer = None if cache is None else (cache.k, cache.v)
-    h, new = self.layers(h, per_layer, aux)
-    return h, (None if cache is None else KVCache(*new))
+    if cache is None:
+      return self.layers(h, None, aux)[0], None
+    h, (k_new, v_new) = self.layers(h, (cache.k, cache.v), aux)  # new rows [L, B, Hkv, T, K]
+    return h, KVCache(_cache_write(cache.k, k_new, cache_index),
+                      _cache_write(cache.v, v_new, cache_index))
 
   def normed(self, h_BTD: Array) -> Array:
     """Final RMSNorm only (the LM head's input)."""
