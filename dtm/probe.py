@@ -475,6 +475,8 @@ class ProbeRunner:
     for slot in slots:
       comp = slot.component
       kernel_LIO = get_path(self.params, kernel_path(comp.kind))
+      if family.name == "sparsegpt" and family.m is None:  # all rates: one compiled solve
+        done.update(self._sparsegpt_levels(family, comp, kernel_LIO, slot.args))
       row = []
       for arg in list(slot.args) + [slot.args[-1]] * (k - len(slot.args)):
         if (comp, arg) not in done:
@@ -485,6 +487,23 @@ class ProbeRunner:
         row.append(done[(comp, arg)])
       rows.append(jnp.stack(row))
     return jnp.stack(rows)
+
+  def _sparsegpt_levels(self, family: MethodFamily, comp: Component, kernel_LIO, rates):
+    """{(comp, rate): kernel [in, out]} of sparsegpt(rate) at every rate of a slot, from
+    one Hessian factorization and one compiled call (`sparsegpt.sparsegpt_levels`)."""
+    from dtm.compress import sparsegpt as sparsegpt_lib
+    rates = tuple(sorted({float(r) for r in rates if r > 0}))
+    if not rates:
+      return {}
+    opts = dict(family.options)
+    w_OI = compress._layer_kernel(kernel_LIO, comp.layer).T
+    new_KOI, damp = sparsegpt_lib.sparsegpt_levels(
+        w_OI, self.statistics[comp].hessian, rates, percdamp=opts.get("percdamp", 0.01),
+        blocksize=opts.get("blocksize", 128))
+    if not np.isfinite(float(damp)):  # the per-rate path's message, naming the component
+      compress.compress_calibrated(w_OI, family_method(family, rates[0]), self.statistics[comp],
+                                   comp)
+    return {(comp, r): new_KOI[i].T for i, r in enumerate(rates)}
 
   def stream(self, calls, kinds: tuple[str, ...] | None = None, gather=jax.device_get):
     """Run calls [(family, [Slot])] with one call in flight and yield, per call, (slots,

@@ -94,9 +94,17 @@ def compress_calibrated(w_OI: jax.Array, method: Method, stats, component: Compo
   else:
     _check_stat(stats, "sq_norms", (in_dim,), what, method)
   # (transposes outside the jit: inside, they double XLA:CPU's compile time of wanda)
-  w, out = _calibrated(w_OI.T if kernel else w_OI,
-                       stats.hessian if needs_hessian else stats.sq_norms, method,
-                       keep_grid=keep_grid and method.name == "gptq")
+  if method.name == "sparsegpt" and "rate" in method.kwargs and method.kwargs["rate"] > 0:
+    # the rate as traced block counts: one compile per shape serves every rate (an
+    # allocation or OWL names dozens of rates); the same numbers as the static-rate jit
+    a = method.kwargs
+    new_K, damp = sparsegpt_lib.sparsegpt_levels(
+        w_OI.T if kernel else w_OI, stats.hessian, (a["rate"],), a["percdamp"], a["blocksize"])
+    w, out = new_K[0], {**_sparsity_stats(new_K[0]), "damp": damp}
+  else:
+    w, out = _calibrated(w_OI.T if kernel else w_OI,
+                         stats.hessian if needs_hessian else stats.sq_norms, method,
+                         keep_grid=keep_grid and method.name == "gptq")
   w = w.T if kernel else w
   if "damp" in out and not math.isfinite(float(out["damp"])):
     if method.name == "gptq":
@@ -113,6 +121,11 @@ def compress_calibrated(w_OI: jax.Array, method: Method, stats, component: Compo
         f"activations may hold inf/NaN, or the statistics are not a Gram matrix "
         f"sum_t x_t x_t^T")
   return w, out
+
+
+@jax.jit
+def _sparsity_stats(w_OI):
+  return _stats(w_OI, _dtype_bits(w_OI.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("method", "keep_grid"))

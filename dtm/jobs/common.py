@@ -136,6 +136,39 @@ def calibrated_components(spec: compress.Spec, num_layers: int) -> dict:
           if m.name in compress.CALIBRATED_METHODS}
 
 
+LOCAL_BUILDERS = ("text", "json", "parquet", "auto")
+
+
+def check_calibration_block(c, method: str) -> None:
+  """DtmError for a calibration block that cannot give `method` its windows, found
+  before anything is loaded: sizes, mode, and a source (JSONL windows, a hub corpus, or a
+  local builder with existing data_files)."""
+  if c.samples < 1 or c.length < 1 or c.batch_size < 1:
+    raise DtmError(f"calibration.samples, .length and .batch_size must be >= 1 ({method} needs "
+                   f"calibration windows), got {c.samples}, {c.length}, {c.batch_size}")
+  if c.samples % c.batch_size:
+    raise DtmError(f"calibration.batch_size={c.batch_size} must divide calibration.samples="
+                   f"{c.samples}")
+  if c.mode not in calibration.MODES:
+    raise DtmError(f"calibration.mode must be one of {', '.join(calibration.MODES)}, got "
+                   f"{c.mode!r}")
+  if c.jsonl:
+    if not os.path.isfile(c.jsonl):
+      raise DtmError(f"calibration.jsonl={c.jsonl!r} does not exist")
+    return
+  if not c.source:
+    raise DtmError(f"{method} needs calibration data: set calibration.source (a corpus) or "
+                   f"calibration.jsonl (token-id windows)")
+  if c.source in LOCAL_BUILDERS:
+    files = [f for f in c.data_files.split(",") if f]
+    if not files:
+      raise DtmError(f"{method} needs calibration data: calibration.source={c.source!r} reads "
+                     f"local files, but calibration.data_files is empty")
+    missing = [f for f in files if not os.path.exists(f)]
+    if missing:
+      raise DtmError(f"calibration.data_files: {missing[0]} does not exist")
+
+
 def calibration_data(config, model: LoadedModel) -> tuple[np.ndarray, dict]:
   """Calibration windows int32 [samples, length] from config.calibration (its JSONL file,
   or `samples` seeded windows of its corpus's token stream) and the settings that define

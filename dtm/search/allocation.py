@@ -197,6 +197,11 @@ def predicted(t: Table, rates: np.ndarray) -> float:
   return float(sum(interpolate(t, i, r) for i, r in enumerate(rates)))
 
 
+def predicted_cost(t: Table, rates: Mapping[Component, float]) -> float:
+  """The additive model's cost of per-component rates, from a per-component Table."""
+  return float(sum(interpolate(t, i, rates.get(u[0], 0.0)) for i, u in enumerate(t.units)))
+
+
 def component_rates(t: Table, rates: np.ndarray) -> dict[Component, float]:
   return {c: float(r) for unit, r in zip(t.units, rates) for c in unit}
 

@@ -73,3 +73,31 @@ def curves(path: str, records: list[dict], alphas, new_tokens: int, title: str) 
   fig.tight_layout()
   fig.savefig(path, dpi=130)
   plt.close(fig)
+
+
+def prediction(path: str, candidates: list[dict], model: str) -> None:
+  """One panel per allocation cost: the additive model's predicted cost of each candidate
+  allocation (sum of single-component probe costs) against the cost measured on the
+  combined model (same prompts), with the y = x line."""
+  plt = _pyplot()
+  costs = sorted({c["cost"] for c in candidates} | set(candidates[0]["predicted"]))
+  fig, axes = plt.subplots(1, len(costs), figsize=(3.3 * len(costs), 3.2))
+  for ax, cost in zip(np.atleast_1d(axes), costs):
+    for unit, marker in (("component", "o"), ("layer", "s")):
+      pts = [(c["predicted"][cost], c["measured"][cost], c["target"]) for c in candidates
+             if c["unit"] == unit and cost in c["predicted"]]
+      if pts:
+        x, y, t = zip(*pts)
+        sc = ax.scatter(x, y, c=t, cmap="viridis", marker=marker, s=18, label=f"per {unit}",
+                        vmin=0, vmax=1)
+    lim = [0, max([max(c["predicted"][cost], c["measured"][cost]) for c in candidates] + [1e-9])]
+    ax.plot(lim, lim, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel(f"predicted {cost} (sum of probes)")
+    ax.set_ylabel(f"measured {cost} (combined model)")
+    ax.grid(alpha=0.3)
+  np.atleast_1d(axes)[0].legend(fontsize=7)
+  fig.colorbar(sc, ax=np.atleast_1d(axes).tolist(), label="target sparsity")
+  fig.suptitle(f"{model}: does the sum of single-component costs predict the combined model?",
+               fontsize=9)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
