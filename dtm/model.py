@@ -241,7 +241,7 @@ def _attend(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, bias: Array, dt) -> Arr
 
 def _attention(q_BTHK: Array, k_BSHK: Array, v_BSHK: Array, bias: Array, dt,
                chunk: int) -> Array:
-  """`_attend`, in blocks of `chunk` query rows when chunk > 0 divides T < chunk: a
+  """`_attend`, in blocks of `chunk` query rows when 0 < chunk < T divides T: a
   `lax.map` over the blocks whose body is rematerialised, so the backward pass holds one
   block's [Hq, chunk, S] float32 scores instead of [Hq, T, S] (1/4 at T = 2048, chunk
   512). Each query row's arithmetic is unchanged: the blocks give the same result."""

@@ -287,11 +287,14 @@ def probe_chunk(cfg: ModelConfig, params, h_in_LPSD, layer, kind_index, args_K, 
 PROBE_AXIS, MODEL_AXIS = "probe", "model"
 
 
+@functools.lru_cache(maxsize=16)
 def base_pass_fn(cfg: ModelConfig, c: int, mesh: Mesh):
-  """The jit of `_base_pass` whose outputs (h_in, HeadBase) are replicated on `mesh`."""
+  """The jit of `_base_pass` whose outputs (h_in, HeadBase) are replicated on `mesh`; one
+  object per (cfg, c, mesh), so the launch estimate's compile is the run's."""
   return jax.jit(functools.partial(_base_pass, cfg, c=c), out_shardings=NamedSharding(mesh, PS()))
 
 
+@functools.lru_cache(maxsize=64)
 def chunk_fn(cfg: ModelConfig, mesh: Mesh, kinds: tuple[str, ...], family: MethodFamily,
              c: int):
   """The jitted call that `ProbeRunner` runs (and `dtm.aot` compiles ahead of time): one

@@ -27,12 +27,14 @@ VARIANTS = {
     "evaluate": ("runlocal", "model=llama2-7b", "model=llama2-7b,runlocal"),
     "convert": ("runlocal", "model=llama2-7b"),
     "lm_eval": ("runlocal", "model=llama2-7b"),
+    "allocate": ("runlocal", "model=llama2-7b", "model=llama2-7b,runlocal"),
 }
 # The job's main output (besides results.json where it writes one).
-OUTPUT = {"probe": "candidates.json", "convert": "config.json"}
+OUTPUT = {"probe": "candidates.json", "convert": "config.json", "allocate": "recipe.txt"}
 # The longest runlocal runs, left to `-m slow` (measured 2026-12-04 on 2 shared CPU cores:
-# prune_compare 507 s, prune 127 s, compare 78 s; the other six together 205 s).
-SLOW = {"prune_compare", "prune", "compare"}
+# prune_compare 507 s, prune 127 s, compare 78 s; the other six together 205 s). allocate's
+# runlocal is run (and killed and resumed) by tests/test_allocate_job.py.
+SLOW = {"prune_compare", "prune", "compare", "allocate"}
 
 
 def _module(job: str):

@@ -165,7 +165,7 @@ def test_generate_until_batches_equal_one_at_a_time(smollm2, hf):
           ("Q: What color is the sky on a clear day?\nA:", {"until": ["\n"], "max_gen_toks": 8}),
           ("Once upon a time, in a land far away, there lived a",
            {"until": [",", " and"], "max_gen_toks": 24}),
-          ("1, 2, 3,", {"until": ["9"], "max_gen_toks": 40}),  # runs past the others' stops
+          ("1, 2, 3,", {"until": ["7"], "max_gen_toks": 24}),  # runs past the others' stops
           ("Hello", {"until": [], "max_gen_toks": 5})]  # stops at its own limit
   got = DtmLM(loaded=smollm2, batch_size=4).generate_until(instances("generate_until", reqs),
                                                            disable_tqdm=True)
@@ -173,7 +173,7 @@ def test_generate_until_batches_equal_one_at_a_time(smollm2, hf):
                                                              disable_tqdm=True)
   want = hflm(hf).generate_until(instances("generate_until", reqs), disable_tqdm=True)
   assert got == alone == want
-  assert got[3] == " 4, 5, 6, 7, 8, " and len(smollm2.tokenizer.encode(got[4])) == 5
+  assert got[3] == " 4, 5, 6, " and len(smollm2.tokenizer.encode(got[4])) == 5
   with pytest.raises(DtmError, match="greedily"):
     DtmLM(loaded=smollm2).generate_until(
         instances("generate_until", [("Hi", {"until": ["."], "do_sample": True})]))

@@ -44,10 +44,14 @@ ARCHITECTURES: dict[str, ModelConfig] = {
 def architecture(model: str, param_dtype: str = "float32", dtype: str = "float32"
                  ) -> ModelConfig:
   """The ModelConfig of `model` (a config's `model` field) without reading weights: the
-  shipped facts for a named model, else `<model>/config.json` of a local directory.
+  shipped facts for a named model, else the header of a .gguf file or `<model>/config.json`
+  of a local directory.
   DtmError when neither exists."""
   if model in ARCHITECTURES:
     cfg = ARCHITECTURES[model]
+  elif model.endswith(".gguf") and os.path.isfile(model):
+    from dtm import gguf_io  # the header only: no tensor is read
+    cfg = ModelConfig.from_hf_dict(gguf_io.read_gguf_config(model))
   elif os.path.isfile(os.path.join(model, "config.json")):
     cfg = ModelConfig.from_json_file(os.path.join(model, "config.json"))
   else:

@@ -14,6 +14,7 @@ to <workdir>/estimate.json (the dry run's payload, for `bench/estimate.py`).
 from __future__ import annotations
 
 import os
+import re
 import time
 
 from dtm.aot import compile as aot_compile
@@ -29,12 +30,15 @@ def estimate(config, workdir: str, mfu: float = 0.4, out=print) -> dict | None:
   job, said in one line)."""
   start = time.perf_counter()
   target = dry_run.local_target()
+  missing = _unavailable(config.get("model"))
+  if missing:  # the job names the missing model itself, in its own words
+    out(f"estimate: none (the model is not here: {_short(missing)})")
+    return None
   try:
     fns = dry_run.job_plan(config, target)  # validates the config first (DtmError)
-  except DtmError as e:
-    if NO_PLAN not in str(e):
-      raise
-    out(f"estimate: none ({e})")
+  except DtmError as e:  # a config the job refuses: the job's own check says why
+    out(f"estimate: none ({_short(e)})" if NO_PLAN in str(e)
+        else f"estimate: none (the plan refused the config: {_short(e)})")
     return None
   except Exception as e:  # a plan that does not know this config: the job itself decides
     out(f"estimate: none (the plan failed: {type(e).__name__}: {_short(e)})")
@@ -52,6 +56,23 @@ def estimate(config, workdir: str, mfu: float = 0.4, out=print) -> dict | None:
       out(f"estimate: {r.name} did not compile here ({r.error[:160]})")
   aot_compile.check_fit([r for r in rows if not r.error or _exhausted(r.error)])
   return payload
+
+
+def _unavailable(model: str | None) -> DtmError | None:
+  """Why `model` cannot be loaded here (None: it can, or the job downloads it). Local
+  names are resolved as the job resolves them; a hub id only when the hub is off (then
+  resolving reads the local cache and downloads nothing)."""
+  if not model:
+    return None
+  from dtm import loading
+  hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not os.path.exists(model)
+  if hub_id and os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True"):
+    return None
+  try:
+    loading.resolve_source(model)
+  except DtmError as e:
+    return e
+  return None
 
 
 def _exhausted(error: str) -> bool:

@@ -150,16 +150,47 @@ def run(config, workdir: str) -> dict:
     kinds = tuple(sorted({q.component.kind for q in todo}))
     statistics = None
     if calibrated:
-      statistics = calibration.collect_statistics(
-          cfg, model.params, windows, mode="parallel", batch_size=config.calibration.batch_size,
-          hessian=config.probe.method in compress.HESSIAN_METHODS,
-          layers={q.component.layer for q in todo}, progress=True)
+      statistics = held_statistics(cfg, model.params, windows, config,
+                                   {q.component.layer for q in todo}, mesh)
     runner = probe.ProbeRunner(cfg, model.params, seq, c, mesh, kl=config.kl,
                                kinds=kinds, statistics=statistics)
     per_device = config.probe.chunk_size or auto_chunk(cfg, seq.shape[0], seq.shape[1] - 1,
                                                        len(config.probe.levels))
     _run_chunks(runner, todo, per_device, store, tuple(config.alphas), model.params, is_writer)
   return _finish(config, workdir, store, probes, n, is_writer)
+
+
+def held_statistics(cfg, params, windows, config, layers: set[int], mesh):
+  """`calibration.collect_statistics` of `layers` (parallel mode), each layer's statistics
+  spread over every device of `mesh` as soon as they are made (`spread_sharding`): the
+  runner holds all of them while it probes, and Llama-2-70B's 80 layers of Hessians are
+  307 GiB (28672^2 float32 for each down projection); spread over a v5p-64's 32 chips, 9.6
+  GiB each. The calibrated methods read them through jit, so results are unchanged."""
+  held: dict = {}
+  spread: dict = {}
+
+  def visit(layer, lp, stats):
+    for comp, st in stats.items():  # q, k, v (gate, up) share one InputStats: spread once
+      if id(st) not in spread:  # all of this layer's stats are alive: ids are distinct
+        put = lambda x: None if x is None else jax.device_put(x, spread_sharding(mesh, x.shape))
+        spread[id(st)] = dataclasses.replace(st, sq_norms=put(st.sq_norms),
+                                             hessian=put(st.hessian))
+      held[comp] = spread[id(st)]
+    spread.clear()
+    return lp
+
+  calibration.run_layers(cfg, params, windows, visit, batch_size=config.calibration.batch_size,
+                         hessian=config.probe.method in compress.HESSIAN_METHODS,
+                         stats_layers=layers, output=False, progress=True)
+  return held
+
+
+def spread_sharding(mesh, shape: tuple[int, ...]):
+  """Rows split over every device of `mesh` (all its axes), or replicated when they do
+  not divide."""
+  from jax.sharding import NamedSharding, PartitionSpec as PS
+  rows = shape[0] % mesh.size == 0 if shape else False
+  return NamedSharding(mesh, PS(tuple(mesh.axis_names)) if rows else PS())
 
 
 def _shardings_fn(mesh):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dtm.generate import bucket, decode, prefill
+from dtm.model import KVCache
 from dtm.model_config import ModelConfig
 
 GEN_CHUNK = 16  # decoding steps per compiled call between host checks for stop sequences
@@ -43,8 +44,9 @@ def generate_batch(cfg: ModelConfig, params, batch: list[Request], rows: int,
   """New token ids of each request (the caller cuts at max_new and at the stops).
 
   rows >= len(batch) is the compiled batch size (extra rows decode a one-token dummy).
-  Contexts are padded to `bucket` of the longest; the cache holds it plus the steps the
-  largest max_new needs, rounded up to whole chunks.
+  Contexts are padded to `bucket` of the longest; the cache holds that width plus room
+  for one chunk of steps and doubles its room when a chunk needs more (up to what the
+  largest max_new needs, in whole chunks): short answers never pay for a long cache.
   """
   lengths = np.ones((rows,), np.int32)
   lengths[:len(batch)] = [len(r.tokens) for r in batch]
@@ -54,10 +56,15 @@ def generate_batch(cfg: ModelConfig, params, batch: list[Request], rows: int,
   for i, r in enumerate(batch):
     tokens[i, :len(r.tokens)] = r.tokens
   index = jnp.asarray(lengths)
-  token, cache = prefill(cfg, params, jnp.asarray(tokens), index, cache_len=width + steps + 1)
+  room = min(GEN_CHUNK, steps)  # decoding steps the cache has slots for
+  token, cache = prefill(cfg, params, jnp.asarray(tokens), index, cache_len=width + room)
   new = [[int(t)] for t in np.asarray(token)[:len(batch)]]
   done = [_done(new[i], r, stopped) for i, r in enumerate(batch)]
+  chunks = 0
   while not all(done):
+    chunks += 1
+    if chunks * GEN_CHUNK > room:
+      cache, room = _grow(cache, room, min(2 * room, steps))
     chunk, cache = decode(cfg, params, token, cache, index, GEN_CHUNK)
     token, index = chunk[:, -1], index + GEN_CHUNK
     host = np.asarray(chunk)
@@ -66,6 +73,13 @@ def generate_batch(cfg: ModelConfig, params, batch: list[Request], rows: int,
         new[i] += host[i].tolist()
         done[i] = _done(new[i], r, stopped)
   return new
+
+
+def _grow(cache: KVCache, room: int, new_room: int) -> tuple[KVCache, int]:
+  """The cache with new_room - room more (empty) slots at the end of its S axis."""
+  pad = [(0, 0)] * cache.k.ndim
+  pad[3] = (0, new_room - room)  # [L, B, Hkv, S, K]
+  return KVCache(*(jnp.pad(x, pad) for x in cache)), new_room
 
 
 def _done(new: list[int], r: Request, stopped) -> bool:
