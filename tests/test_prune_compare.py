@@ -69,10 +69,48 @@ def test_prune_compare_rows(tiny_dir, tmp_path, monkeypatch):
   assert os.path.exists(os.path.join(workdir, "comparison.png"))
 
 
+def test_specs_and_recipe_rows(tiny_dir, tmp_path, monkeypatch):
+  """Without the FDT-guided run: a uniform row, an OWL row from compare.specs and an
+  allocate-style recipe row, each equal to evaluating its spec; with a wall time."""
+  monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "1")
+  recipes = tmp_path / "alloc"
+  recipes.mkdir()
+  for s, (lo, hi) in {0.05: (0.0, 0.1), 0.1: (0.05, 0.15)}.items():
+    (recipes / f"recipe-{s:g}.txt").write_text(
+        f"q,k,v,o@*:wanda(rate={hi}); gate,up,down@*:wanda(rate={lo})\n")
+  (recipes / "results.json").write_text(json.dumps({"operator": "wanda"}))
+  workdir = str(tmp_path / "cmp")
+  config = make_config(tiny_dir, **{"compare.fdt_guided": False, "compare.methods": ("wanda",),
+                                    "compare.specs": ("owl-wanda=owl({s}, method=wanda)",),
+                                    "compare.recipes": str(recipes)})
+  assert run_job(config, workdir) == 0
+  rows = json.load(open(os.path.join(workdir, "results.json")))["rows"]
+  assert [(r["target"], r["method"]) for r in rows] == [
+      (s, m) for s in (0.05, 0.1) for m in ("wanda", "owl-wanda", "fdt-alloc-wanda")]
+  assert not os.path.exists(os.path.join(workdir, "fdt", "rounds.jsonl"))
+  assert all(r["variant"] == "one-shot" and r["seconds"] > 0 for r in rows)
+  model = load_model(tiny_dir)
+  from dtm import evaluation, data
+  ev = common.build_eval_data(config.eval, model.tokenizer)
+  y = data.read_prompt_jsonl(os.path.join(workdir, "fdt", "heldout", "references.jsonl"))
+  held = evaluation.HeldOut(model.cfg, model.params, ev.prompts, y,
+                            batch_size=config.eval.prompts.batch_size, alphas=(0.75, 0.9),
+                            ppl_tokens_WT=ev.ppl.tokens, ppl_ctx_W=ev.ppl.ctx_len)
+  for method, spec in (("owl-wanda", "*@*:owl(0.1, method=wanda)"),
+                       ("fdt-alloc-wanda", (recipes / "recipe-0.1.txt").read_text())):
+    agg = held.evaluate(common.compress_model(config, model, spec)[0])
+    row = next(r for r in rows if r["target"] == 0.1 and r["method"] == method)
+    assert row["fdt_mean"] == agg["fdt_mean"] and row["ppl"] == pytest.approx(agg["ppl"], rel=1e-6)
+  assert "owl-wanda" in open(os.path.join(workdir, "summary.txt")).read()
+
+
 @pytest.mark.parametrize("overrides, needle", [
     ({"compare.sparsities": ()}, "empty"),
     ({"compare.sparsities": (0.5, 1.0)}, "(0, 1)"),
     ({"compare.methods": ("magnitude", "obs")}, "'obs'"),
+    ({"compare.specs": ("owl(0.5)",)}, "'label=template'"),
+    ({"compare.recipes": "/nonexistent"}, "no recipe for sparsity 0.05"),
+    ({"compare.fdt_guided": False, "compare.methods": ()}, "nothing to compare"),
 ])
 def test_bad_inputs(tiny_dir, overrides, needle):
   with pytest.raises(DtmError, match=None) as e:
