@@ -51,7 +51,12 @@ def _allocate_fields(config) -> None:
   a.costs = ("kl", "fdt")
   # Allocation units tried: component (one rate each) and/or layer (one rate per layer).
   a.units = ("component",)
-  # Selection-prompt metric that picks among the (cost, unit) candidates: dppl | fdt_mean |
+  # Trust regions tried around the uniform allocation: each component's rate within
+  # target ± band (0: the uniform allocation itself, a candidate like any other; >= 1:
+  # unbounded). The probes are noisy single-component measurements; a band keeps the
+  # knapsack from trading on their noise (OWL's λ = 0.08 plays this role).
+  a.bands = (0.0, 0.1, 0.2, 1.0)
+  # Selection-prompt metric that picks among the (cost, unit, band) candidates: dppl | fdt_mean |
   # kl_mean | sdt_mean.
   a.select_by = "dppl"
   # Components allocated ('KINDS@LAYERS'); the others stay dense.
@@ -102,6 +107,7 @@ def _runlocal(config) -> None:
   a.targets = (0.3, 0.5)
   a.costs = ("kl", "fdt")
   a.units = ("component", "layer")
+  a.bands = (1.0,)
   config.cpu_devices = 1
   config.calibration.samples = 4
   config.calibration.length = 32

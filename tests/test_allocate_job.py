@@ -178,6 +178,8 @@ def test_sigkill_then_resume_gives_the_same_recipe(reference, tiny_dir, tmp_path
     ({"calibration.data_files": ""}, "sparsegpt needs calibration data"),
     ({"calibration.source": ""}, "sparsegpt needs calibration data"),
     ({"calibration.mode": "parallel"}, "set calibration.mode=sequential"),
+    ({"allocate.bands": ()}, "allocate.bands must be a non-empty tuple"),
+    ({"allocate.bands": (-0.1,)}, "allocate.bands must be a non-empty tuple"),
 ])
 def test_bad_inputs_before_any_work(tiny_dir, tmp_path, overrides, message):
   from dtm.jobs import allocate as allocate_job

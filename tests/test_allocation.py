@@ -78,3 +78,20 @@ def test_recipe_round_trips_the_rates():
   assert {c: m.kwargs["rate"] for c, m in resolved.items()} == {
       c: r for c, r in rates.items() if r > 0}
   assert text.startswith("q@0,2:sparsegpt(rate=0.5")
+
+
+def test_bands_bound_the_rates_around_the_target():
+  rates = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+  t = _random_table(3, units=8, rates=rates)
+  uniform = A.solve(A.banded(t, 0.5, 0.0), 0.5)
+  np.testing.assert_allclose(uniform, 0.5)  # band 0: every unit at the target
+  for band in (0.1, 0.2):
+    got = A.solve(A.banded(t, 0.5, band), 0.5)
+    assert np.all(np.abs(got - 0.5) <= band + 1e-6)
+    assert float(np.sum(t.numel * got) / t.numel.sum()) == pytest.approx(0.5, abs=1e-4)
+    # never worse than uniform by the table's own (additive) cost; wider bands no worse
+    assert A.predicted(t, got) <= A.predicted(t, uniform) + 1e-9
+  assert A.banded(t, 0.5, 1.0) is t
+  assert A.predicted(t, A.solve(t, 0.5)) <= A.predicted(t, A.solve(A.banded(t, 0.5, 0.2), 0.5)) + 1e-6
+  with pytest.raises(DtmError, match="cannot be met"):
+    A.solve(A.banded(t, 0.55, 0.02), 0.55)  # no ladder rate within 0.02 of 0.55

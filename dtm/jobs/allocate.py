@@ -65,6 +65,9 @@ def check(config) -> None:
   if bad:
     raise DtmError(f"allocate.units has {bad[0]!r}; expected a non-empty subset of "
                    f"{', '.join(UNITS)}")
+  if not a.bands or any(not 0 <= float(b) for b in a.bands):
+    raise DtmError(f"allocate.bands must be a non-empty tuple of rates >= 0 (0: the uniform "
+                   f"allocation, >= 1: unbounded), got {tuple(a.bands)}")
   if a.select_by not in SELECT_BY:
     raise DtmError(f"allocate.select_by must be one of {', '.join(SELECT_BY)}, got "
                    f"{a.select_by!r}")
@@ -207,25 +210,42 @@ class _State:
     store = ProbeStore.open(os.path.join(workdir, "select"), ident)
     out: dict[float, list[dict]] = {}
     for target in (float(t) for t in self.a.targets):
-      for cost in self.a.costs:
-        for unit in self.a.units:
-          t = tables[cost] if unit == "component" else allocation.group_by_layer(tables[cost])
-          rates = allocation.component_rates(t, allocation.solve(t, target))
-          spec = allocation.recipe(rates, self.a.operator, self.a.operator_args)
-          if spec not in store.records:
-            store.add([{"probe": spec, **self._measure_selection(spec)}])
-          rec = store.records[spec]
-          out.setdefault(target, []).append({
-              "target": target, "cost": cost, "unit": unit, "spec": spec,
-              "rates": {c.name: r for c, r in rates.items()},
-              "predicted": {k: allocation.predicted_cost(tables[k], rates) for k in tables},
-              **{k: rec[k] for k in ("selection", "measured", "sparsity")}})
-          s = rec["selection"]
-          print(f"target {target:g} cost {cost} per {unit}: selection mean FDT "
-                f"{s['fdt_mean']:.2f}, DPPL {s['dppl']:.3f}, KL {s['kl_mean']:.4f} "
-                f"(predicted {cost} {out[target][-1]['predicted'][cost]:.4f}, measured "
-                f"{rec['measured'][cost]:.4f})", flush=True)
+      seen = set()
+      for cost, unit, band in self._variants():
+        t = tables[cost] if unit == "component" else allocation.group_by_layer(tables[cost])
+        try:
+          rates = allocation.component_rates(
+              t, allocation.solve(allocation.banded(t, target, band), target))
+        except DtmError as e:  # a band too narrow for the ladder around this target
+          print(f"target {target:g} cost {cost} per {unit} band {band:g}: skipped ({e})")
+          continue
+        spec = allocation.recipe(rates, self.a.operator, self.a.operator_args)
+        if spec in seen:  # e.g. band 0: the uniform allocation, whatever the cost
+          continue
+        seen.add(spec)
+        if spec not in store.records:
+          store.add([{"probe": spec, **self._measure_selection(spec)}])
+        rec = store.records[spec]
+        out.setdefault(target, []).append({
+            "target": target, "cost": cost, "unit": unit, "band": band, "spec": spec,
+            "rates": {c.name: r for c, r in rates.items()},
+            "predicted": {k: allocation.predicted_cost(tables[k], rates) for k in tables},
+            **{k: rec[k] for k in ("selection", "measured", "sparsity")}})
+        s = rec["selection"]
+        print(f"target {target:g} cost {cost} per {unit} band {band:g}: selection mean FDT "
+              f"{s['fdt_mean']:.2f}, DPPL {s['dppl']:.3f}, KL {s['kl_mean']:.4f} "
+              f"(predicted {cost} {out[target][-1]['predicted'][cost]:.4f}, measured "
+              f"{rec['measured'][cost]:.4f})", flush=True)
+      if target not in out:
+        raise DtmError(f"no allocation meets target {target:g} within allocate.bands "
+                       f"{tuple(self.a.bands)} on the ladder {self.ladder}: widen a band")
     return out
+
+  def _variants(self):
+    """(cost, unit, band) of every candidate, widest band first (band >= 1: unbounded)."""
+    bands = sorted((float(b) for b in self.a.bands), reverse=True)
+    return [(cost, unit, band) for band in bands for cost in self.a.costs
+            for unit in self.a.units]
 
   def _measure_selection(self, spec: str) -> dict:
     start = time.perf_counter()
@@ -298,8 +318,8 @@ def _finish(config, workdir, state, tables, candidates, chosen, finals, data, se
       "targets": [{"target": t, "chosen": {k: chosen[t][k] for k in ("cost", "unit", "spec")},
                    "heldout": finals[t]["heldout"], "sparsity": finals[t]["sparsity"],
                    "selection": chosen[t]["selection"],
-                   "candidates": [{k: c[k] for k in ("cost", "unit", "predicted", "measured",
-                                                     "selection", "sparsity")}
+                   "candidates": [{k: c[k] for k in ("cost", "unit", "band", "predicted",
+                                                     "measured", "selection", "sparsity")}
                                   for c in candidates[t]]} for t in targets],
       "costs": {k: {"components": tables[k].names, "rates": tables[k].rates.tolist(),
                     "costs": np.round(tables[k].costs, 6).tolist()} for k in tables},
@@ -308,7 +328,8 @@ def _finish(config, workdir, state, tables, candidates, chosen, finals, data, se
   io_utils.atomic_write_json(os.path.join(workdir, "results.json"), results)
   for t in targets:
     h = finals[t]["heldout"]
-    print(f"{t:g}: {chosen[t]['cost']} per {chosen[t]['unit']}: held-out FDT_"
+    print(f"{t:g}: {chosen[t]['cost']} per {chosen[t]['unit']} band {chosen[t]['band']:g}: "
+          f"held-out FDT_"
           f"{state.alphas[0]:g}={h[f'fdt_alpha_{state.alphas[0]:g}']:g} mean FDT "
           f"{h['fdt_mean']:.2f} SDT {h['sdt_mean']:.3f} DPPL {h['dppl']:.3f} PPL "
           f"{h.get('ppl', float('nan')):.2f}")

@@ -124,6 +124,18 @@ def group_by_layer(t: Table) -> Table:
 # ------------------------------------------------------------------------------ solve
 
 
+def banded(t: Table, target: float, band: float) -> Table:
+  """`t` with every level farther than `band` from `target` made impossible (cost inf):
+  a trust region around the uniform allocation (OWL's λ plays this role). band 0 with the
+  target on the ladder is the uniform allocation; band >= 1 is `t`. Level 0 (dense) stays
+  only where target - band <= 0."""
+  if band >= 1:
+    return t
+  far = np.abs(t.rates - target) > band + 1e-9
+  costs = np.where(far[None, :], np.inf, t.costs)
+  return dataclasses.replace(t, costs=costs)
+
+
 def solve(t: Table, target: float, grid: int = 200_000) -> np.ndarray:
   """Rates per unit [U] minimising the summed cost with sum(numel * rate) = target *
   sum(numel) (module doc). DtmError if the ladder cannot reach the target."""
