@@ -83,10 +83,15 @@ def test_recipe_round_trips_the_rates():
 def test_bands_bound_the_rates_around_the_target():
   rates = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
   t = _random_table(3, units=8, rates=rates)
-  uniform = A.solve(A.banded(t, 0.5, 0.0), 0.5)
+  uniform = A.solve_banded(t, 0.5, 0.0)
   np.testing.assert_allclose(uniform, 0.5)  # band 0: every unit at the target
+  big = A.table({Component(l, k): np.cumsum(np.ones(len(rates))) for l in range(30)
+                 for k in ("q", "k", "v", "o", "gate", "up", "down")}, rates,
+                {Component(l, k): 576 * (1536 if k in ("gate", "up", "down") else 192)
+                 for l in range(30) for k in ("q", "k", "v", "o", "gate", "up", "down")})
+  np.testing.assert_allclose(A.solve_banded(big, 0.3, 0.0), 0.3)  # 210 units: exact
   for band in (0.1, 0.2):
-    got = A.solve(A.banded(t, 0.5, band), 0.5)
+    got = A.solve_banded(t, 0.5, band)
     assert np.all(np.abs(got - 0.5) <= band + 1e-6)
     assert float(np.sum(t.numel * got) / t.numel.sum()) == pytest.approx(0.5, abs=1e-4)
     # never worse than uniform by the table's own (additive) cost; wider bands no worse

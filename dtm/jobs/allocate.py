@@ -214,8 +214,7 @@ class _State:
       for cost, unit, band in self._variants():
         t = tables[cost] if unit == "component" else allocation.group_by_layer(tables[cost])
         try:
-          rates = allocation.component_rates(
-              t, allocation.solve(allocation.banded(t, target, band), target))
+          rates = allocation.component_rates(t, allocation.solve_banded(t, target, band))
         except DtmError as e:  # a band too narrow for the ladder around this target
           print(f"target {target:g} cost {cost} per {unit} band {band:g}: skipped ({e})")
           continue

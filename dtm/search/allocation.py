@@ -136,6 +136,15 @@ def banded(t: Table, target: float, band: float) -> Table:
   return dataclasses.replace(t, costs=costs)
 
 
+def solve_banded(t: Table, target: float, band: float) -> np.ndarray:
+  """`solve` within target ± band. Band 0 is the uniform allocation, given directly (the
+  dynamic program's grid rounds each unit's count down and can miss an exact target by a
+  few grid cells); DtmError when the ladder has no rate that close to the target."""
+  if band == 0 and np.isclose(t.rates, target, atol=1e-9).any():
+    return np.full(len(t.units), float(target))
+  return solve(banded(t, target, band), target)
+
+
 def solve(t: Table, target: float, grid: int = 200_000) -> np.ndarray:
   """Rates per unit [U] minimising the summed cost with sum(numel * rate) = target *
   sum(numel) (module doc). DtmError if the ladder cannot reach the target."""
