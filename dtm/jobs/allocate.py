@@ -314,7 +314,7 @@ def _finish(config, workdir, state, tables, candidates, chosen, finals, data, se
   results = {
       "job": "allocate", "model": config.model, "operator": state.a.operator,
       "ladder": list(state.ladder), "base_nll_selection": state.base,
-      "targets": [{"target": t, "chosen": {k: chosen[t][k] for k in ("cost", "unit", "spec")},
+      "targets": [{"target": t, "chosen": {k: chosen[t][k] for k in ("cost", "unit", "band", "spec")},
                    "heldout": finals[t]["heldout"], "sparsity": finals[t]["sparsity"],
                    "selection": chosen[t]["selection"],
                    "candidates": [{k: c[k] for k in ("cost", "unit", "band", "predicted",
