@@ -67,6 +67,10 @@ def get_config(arg=None):
   sel.prompts.length = 32
   sel.prompts.new_tokens = 16
   sel.prompts.seed = 1
+  # Devices per tensor-parallel group of the selection probes' ('probe', 'model') mesh
+  # (`probe.probe_mesh`): 1 = every device holds the whole model (one probe per device);
+  # >1 splits heads and the MLP over that many devices. Results are the same for every value.
+  sel.mesh_model = 1
   # Held-out evaluation of every round's whole model: prompts, references, PPL windows.
   ev = config.eval = ml_collections.ConfigDict()
   common.data_fields(ev)
@@ -121,6 +125,9 @@ def get_config(arg=None):
     sel.prompts.num, sel.prompts.length, sel.prompts.new_tokens = 64, 64, 32
     ev.prompts.num, ev.prompts.length, ev.prompts.new_tokens = 128, 64, 32
     ev.ppl.window, ev.ppl.max_windows = 2048, 40
+    # float32 params replicated per chip do not fit a v4 chip (7B: 27 GB, its probes 39 GiB
+    # of 30.75); four chips per probe group hold a quarter each (dry run: v4-32)
+    sel.mesh_model = 4
   if arg.runlocal or arg.tiny:
     p.ladder = (0.25, 0.5, 0.75)
     p.k = 2

@@ -231,6 +231,29 @@ def test_other_config_is_refused(reference, tiny_dir):
   assert open(os.path.join(workdir, "rounds.jsonl")).read() == before
 
 
+def test_fsdp_layout_and_2d_probe_mesh_choose_as_one_device(reference, tiny_dir, tmp_path):
+  """The pod configs' layout on 2 CPU devices: F and each round's params in the trainer's
+  FSDP layout (train.mesh.fsdp=2), the selection probes on the ('probe', 'model') mesh of
+  select.mesh_model=2 (the preflight compiles that plan first). Round 1, chosen on F, picks
+  the same increments as the 1-device run; held-out metrics agree to float noise (the
+  split reorders sums)."""
+  ref_dir, _ = reference
+  workdir = str(tmp_path / "fsdp")
+  args = cli_args(tiny_dir, **{"cpu_devices": 2, "train.mesh.data": 1, "train.mesh.fsdp": 2,
+                               "select.mesh_model": 2})
+  proc = subprocess.run(main_cmd(workdir, args), cwd=REPO, env=subprocess_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "2 device(s)" in proc.stdout
+  got, want = rounds(workdir), rounds(ref_dir)
+  assert len(got) == len(want)
+  for g, w in zip(got[:2], want[:2]):
+    assert (g["spec"], g["sparsity"]) == (w["spec"], w["sparsity"])
+    assert [c["component"] for c in g["chosen"]] == [c["component"] for c in w["chosen"]]
+    for key, value in w["heldout"].items():
+      assert g["heldout"][key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"prune.ladder": (0.5, 0.25)}, "strictly increasing"),
     ({"prune.ladder": (0.5, 1.0)}, r"must lie in \(0, 1\)"),
@@ -242,6 +265,7 @@ def test_other_config_is_refused(reference, tiny_dir):
     ({"select.prompts.num": 0}, "select prompt set is empty"),
     ({"prune.components": "qq@*"}, "unknown component kind"),
     ({"prune.components": "q@5"}, "names layer 5"),
+    ({"select.mesh_model": 0}, r"select.mesh_model=0 must be >= 1 and divide"),
     ({"select.data.data_files": EVAL_FILE, "select.prompts.seed": 0, "select.prompts.num": 4},
      "selection and held-out prompts overlap"),
 ])

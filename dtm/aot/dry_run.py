@@ -74,11 +74,12 @@ def job_plan(config, target: Target, cfg=None) -> list[aot_compile.Fn]:
                              devices=target.devices)
   fsdp = plans._abstract(abstract_params(cfg), sharding.tree_shardings(tmesh, abstract_params(cfg)))
   ev = config.eval
+  # `jobs.train.load_for_training` (train and prune): F in the FSDP layout when the mesh
+  # splits params
+  loaded = fsdp if tmesh.shape["fsdp"] > 1 else plans.loaded_params(cfg, target)
   if job == "train":
     steps, every = int(config.train.steps), int(config.train.eval_every)
     evals = 2 + (max(0, (steps - 1) // every) if every else 0)
-    # `jobs.train.load_for_training`: F in the FSDP layout when the mesh splits params
-    loaded = fsdp if tmesh.shape["fsdp"] > 1 else plans.loaded_params(cfg, target)
     return (plans.reference_fns(cfg, loaded, tmesh, ev.prompts)
             + plans.dtm_fns(cfg, fsdp, tmesh, ev.prompts, ev.ppl, bool(ev.kl), evals, loaded)
             + plans.train_fns(config, cfg, target))
@@ -88,17 +89,19 @@ def job_plan(config, target: Target, cfg=None) -> list[aot_compile.Fn]:
   # the spec grammar's own reading of 'KINDS@LAYERS' (kind groups, '*', ranges)
   selector = compress.parse_rule(f"{p.components}:identity").to_string().rsplit(":", 1)[0]
   kinds, _, layers = selector.partition("@")
-  # the selection probes run on the 1-D probe mesh (`prune_rounds`: `probe.probe_mesh()`)
-  pmesh = probe.probe_mesh(target.devices)
-  pparams = _params(cfg, pmesh, pmesh.shape[probe.MODEL_AXIS] > 1, target.local)
-  fns = plans.reference_fns(cfg, plans.loaded_params(cfg, target), pmesh, config.select.prompts)
+  # the selection probes run on the ('probe', 'model') mesh of select.mesh_model
+  # (`ProbeRunner` reshards the round's params to the tensor-parallel layout when model > 1)
+  from dtm.jobs import prune as prune_job
+  pmesh = prune_job.selection_mesh(config, target.devices)
+  tp = pmesh.shape[probe.MODEL_AXIS] > 1
+  pparams = _params(cfg, pmesh, tp, target.local) if tp or tmesh.shape["fsdp"] == 1 else fsdp
+  fns = plans.reference_fns(cfg, loaded, tmesh, config.select.prompts)
   fns += plans.probe_fns(config, cfg, pparams, pmesh, target.hbm_bytes, family_method="magnitude",
                          levels=(float(p.ladder[0]),), kinds=kinds, layers=layers or "*",
                          rounds=rounds, per_device=1, prompts=config.select.prompts)
   if int(config.train.steps) > 0:
     spec = f"{kinds}@{layers or '*'}:magnitude({float(p.ladder[0]):g})"
     fns += plans.train_fns(config, cfg, target, spec=spec, rounds=rounds)
-  loaded = plans.loaded_params(cfg, target)
   fns += plans.reference_fns(cfg, loaded, tmesh, ev.prompts)
   fns += plans.dtm_fns(cfg, fsdp, tmesh, ev.prompts, ev.ppl, bool(ev.kl), rounds + 1, loaded)
   return fns

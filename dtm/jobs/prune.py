@@ -18,16 +18,18 @@ import shutil
 import jax
 import numpy as np
 
-from dtm import checkpoint, compress, convert, evaluation, io_utils
+from dtm import checkpoint, compress, convert, evaluation, io_utils, probe
 from dtm.errors import DtmError
 from dtm.jobs import common, validate
-from dtm.jobs.train import training_tokens
+from dtm.jobs.train import load_for_training, training_tokens
+from dtm.model import abstract_params
 from dtm.search import plots, prune_rounds
 from dtm.train import sharding
 from dtm.train import trainer
 
 # Settings that do not change results (left out of the pinned identity).
 _EXECUTION_ONLY = ("cpu_devices", "export_hf")
+_EXECUTION_ONLY_SELECT = ("mesh_model",)
 
 
 def settings_of(config, num_layers: int | None) -> prune_rounds.PruneSettings:
@@ -45,6 +47,16 @@ def settings_of(config, num_layers: int | None) -> prune_rounds.PruneSettings:
   return s
 
 
+def selection_mesh(config, devices=None):
+  """The selection probes' ('probe', 'model') mesh over `devices` (default: all):
+  select.mesh_model devices per tensor-parallel group (DtmError unless it divides them)."""
+  devices = list(jax.devices() if devices is None else devices)
+  m = int(config.select.mesh_model)
+  if m < 1 or len(devices) % m:
+    raise DtmError(f"select.mesh_model={m} must be >= 1 and divide the {len(devices)} devices")
+  return probe.probe_mesh(devices, model=m)
+
+
 def _check_prompt_blocks(config) -> None:
   for name in ("select", "eval"):
     pr = config[name].prompts
@@ -58,16 +70,21 @@ def run(config, workdir: str) -> dict | None:
   settings_of(config, None)  # model-independent checks before the slow load
   validate.validate(config)
   _check_prompt_blocks(config)
-  model = common.load(config)
-  cfg = model.cfg
-  settings = settings_of(config, cfg.num_layers)
   steps = int(config.train.steps)
   if steps < 0:
     raise DtmError(f"train.steps must be >= 0 (0 = no training between rounds), got {steps}")
-  train_mesh, tokens = None, np.zeros((0,), np.int32)
+  probe_mesh = selection_mesh(config)  # a bad select.mesh_model is refused before the load
+  # F in the trainer's FSDP layout when train.mesh.fsdp > 1 (a pod-sized model is never
+  # whole on one device), and every round's params in that layout too
+  model, train_mesh = load_for_training(config)
+  cfg = model.cfg
+  settings = settings_of(config, cfg.num_layers)
+  layout = None
+  if train_mesh.shape["fsdp"] > 1:
+    layout = sharding.tree_shardings(train_mesh, abstract_params(cfg))
+  tokens = np.zeros((0,), np.int32)
   if steps > 0:
     tokens = training_tokens(config, model.tokenizer)
-    train_mesh = sharding.make_mesh(int(config.train.mesh.data), int(config.train.mesh.fsdp))
     trainer.validate(config.train, train_mesh, tokens.size)
   sel = common.build_eval_data(config.select, model.tokenizer, need_ppl=False)
   ev = common.build_eval_data(config.eval, model.tokenizer)
@@ -86,8 +103,7 @@ def run(config, workdir: str) -> dict | None:
               "select": io_utils.array_fingerprint(sel.prompts, y_sel),
               "heldout": io_utils.array_fingerprint(ev.prompts, y_ev),
               "tokens": io_utils.array_fingerprint(tokens),
-              "config": {k: v for k, v in common.config_json(config).items()
-                         if k not in _EXECUTION_ONLY}}
+              "config": _identity_config(config)}
   prune_rounds.check_identity(workdir, identity)
   print(f"pruning search: {len(settings.components)} prunable components, ladder "
         f"{settings.ladder}, k={settings.k}, FDT_{settings.alpha:g} on {sel.prompts.shape[0]} "
@@ -97,13 +113,21 @@ def run(config, workdir: str) -> dict | None:
   ctx = prune_rounds.Context(
       cfg=cfg, params=model.params, select_seq=np.concatenate([sel.prompts, y_sel], axis=1),
       c=int(sel.prompts.shape[1]), heldout=held, tc=config.train, tokens=tokens,
-      tokenizer=model.tokenizer, alphas=alphas, train_mesh=train_mesh,
-      identity={"prune": identity["params"]})
+      tokenizer=model.tokenizer, alphas=alphas, mesh=probe_mesh, train_mesh=train_mesh,
+      param_shardings=layout, identity={"prune": identity["params"]})
   records, reason = prune_rounds.run(ctx, settings, workdir)
   if reason is None:
     return None  # SIGTERM during training: the trainer saved; rerun to resume
   return _outputs(config, workdir, model, ctx, settings, records, reason, alphas,
                   {"select": sel.settings, "heldout": ev.settings})
+
+
+def _identity_config(config) -> dict:
+  """The config as pinned in the search's identity: without the settings that do not
+  change results (`_EXECUTION_ONLY`, select.mesh_model)."""
+  out = {k: v for k, v in common.config_json(config).items() if k not in _EXECUTION_ONLY}
+  out["select"] = {k: v for k, v in out["select"].items() if k not in _EXECUTION_ONLY_SELECT}
+  return out
 
 
 def _outputs(config, workdir, model, ctx, settings, records, reason, alphas, data_settings):
@@ -112,7 +136,8 @@ def _outputs(config, workdir, model, ctx, settings, records, reason, alphas, dat
     params = model.params
   else:
     params = checkpoint.restore_params(
-        os.path.join(prune_rounds.round_dir(workdir, last["round"]), "model"), model.cfg)
+        os.path.join(prune_rounds.round_dir(workdir, last["round"]), "model"), model.cfg,
+        ctx.param_shardings)
   out = os.path.join(workdir, "model")
   if os.path.isdir(out):
     shutil.rmtree(out)

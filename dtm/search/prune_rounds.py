@@ -314,7 +314,9 @@ class Context:
   select_seq: int32 [P, c+N] selection prompts ⊕ F's references; heldout:
   `evaluation.HeldOut` on disjoint prompts; tc: the `train` config block (steps = T per
   round, 0 = no training); tokens: the training token stream; tokenizer: saved with every
-  round model; identity: extra settings pinned per round."""
+  round model; param_shardings: where each round's params are placed (F's layout, e.g.
+  the trainer's FSDP shardings; None: uncommitted on the default device, as
+  `load_model`); identity: extra settings pinned per round."""
   cfg: object
   params: dict
   select_seq: np.ndarray
@@ -326,6 +328,7 @@ class Context:
   alphas: tuple[float, ...] = (0.75, 0.9)
   mesh: object = None        # probe mesh (default: all devices, `probe.probe_mesh`)
   train_mesh: object = None  # trainer mesh (default: from tc.mesh)
+  param_shardings: object = None  # params-shaped tree of Shardings, or None
   identity: dict = dataclasses.field(default_factory=dict)
 
 
@@ -434,9 +437,13 @@ def _prune_and_train(ctx: Context, params, spec: str, r: int, rdir: str):
 
 
 def _restore(ctx: Context, rdir: str):
-  """The round's params, placed like `load_model`'s (uncommitted on the default device):
-  orbax commits them to device 0, which jit calls spanning a multi-device mesh (the
-  probes) or mixing them with the original model's arrays would refuse."""
+  """The round's params, placed as F: in `ctx.param_shardings` when given (a pod-sized
+  model is never whole on one device), else like `load_model`'s (uncommitted on the
+  default device): orbax commits them to device 0, which jit calls spanning a
+  multi-device mesh (the probes) or mixing them with the original model's arrays would
+  refuse."""
+  if ctx.param_shardings is not None:
+    return checkpoint.restore_params(os.path.join(rdir, "model"), ctx.cfg, ctx.param_shardings)
   params = checkpoint.restore_params(os.path.join(rdir, "model"), ctx.cfg)
   return jax.tree.map(lambda x: jax.device_put(np.asarray(x)), params)
 
