@@ -56,6 +56,21 @@ def get_config(arg=None):
   config.train.eval_every = 0
   config.train.log_every = 0
   config.train.tensorboard = False
+  _selection_fields(config)
+  _heldout_fields(config)
+  # Write the final model as an HF directory too (<workdir>/hf).
+  config.export_hf = False
+  # JAX CPU devices on a CPU-only host (0 = one per core: one probe per core; GPU/TPU
+  # hosts are unaffected). Training splits its batch over them (train.mesh).
+  config.cpu_devices = 0
+  if arg.model in ("llama2-7b", "llama2-13b"):
+    _pod(config)
+  if arg.runlocal or arg.tiny:
+    _runlocal(config)
+  return config
+
+
+def _selection_fields(config) -> None:
   # Selection prompts: the probes of every round measure FDT on these (against the
   # original model's references); must not overlap the held-out prompts.
   sel = config.select = ml_collections.ConfigDict()
@@ -71,6 +86,9 @@ def get_config(arg=None):
   # (`probe.probe_mesh`): 1 = every device holds the whole model (one probe per device);
   # >1 splits heads and the MLP over that many devices. Results are the same for every value.
   sel.mesh_model = 1
+
+
+def _heldout_fields(config) -> None:
   # Held-out evaluation of every round's whole model: prompts, references, PPL windows.
   ev = config.eval = ml_collections.ConfigDict()
   common.data_fields(ev)
@@ -88,67 +106,69 @@ def get_config(arg=None):
   ev.alphas = (0.75, 0.9)
   # Also compute KL(F||F') and top-1 agreement at held-out positions.
   ev.kl = True
-  # Write the final model as an HF directory too (<workdir>/hf).
-  config.export_hf = False
-  # JAX CPU devices on a CPU-only host (0 = one per core: one probe per core; GPU/TPU
-  # hosts are unaffected). Training splits its batch over them (train.mesh).
-  config.cpu_devices = 0
-  if arg.model in ("llama2-7b", "llama2-13b"):
-    config.param_dtype = "float32"
-    config.dtype = "bfloat16"
-    p.k = 32
-    p.max_rounds = 40
-    p.target_sparsity = 0.5
-    p.fdt_bound = 4.0
-    config.data.source = "c4"
-    config.data.data_files = ""
-    config.data.max_docs = 200000
-    config.train.steps = 200
-    config.train.batch_size = 64
-    config.train.seq_len = 2048
-    # 16 rows per microbatch: one per chip of a 16-chip slice (8 rows cannot split over 16
-    # devices); 13B's step on v4-32 then needs 26.0 GiB per chip (dry run)
-    config.train.microbatches = 4
-    config.train.remat = True
-    config.train.attention_chunk = 512
-    config.train.optim.lr = 2e-5
-    config.train.optim.warmup_steps = 10
-    config.train.checkpoint.every = 50
-    config.train.mesh.data = 1
-    config.train.mesh.fsdp = -1
-    config.train.peak_flops = 989e12  # H100 bf16 dense
-    for block in (sel, ev):
-      block.data.source = "wikitext-2-raw-v1"
-      block.data.data_files = ""
-    sel.data.split = "validation"
-    ev.data.split = "test"
-    sel.prompts.num, sel.prompts.length, sel.prompts.new_tokens = 64, 64, 32
-    ev.prompts.num, ev.prompts.length, ev.prompts.new_tokens = 128, 64, 32
-    ev.ppl.window, ev.ppl.max_windows = 2048, 40
-    # float32 params replicated per chip do not fit a v4 chip (7B: 27 GB, its probes 39 GiB
-    # of 30.75); four chips per probe group hold a quarter each (dry run: v4-32)
-    sel.mesh_model = 4
-  if arg.runlocal or arg.tiny:
-    p.ladder = (0.25, 0.5, 0.75)
-    p.k = 2
-    p.max_rounds = 2
-    config.cpu_devices = 1
-    config.data.max_docs = 400
-    config.train.steps = 2
-    config.train.batch_size = 2
-    config.train.seq_len = 32
-    config.train.optim.lr = 1e-3
-    config.train.checkpoint.every = 1
-    config.train.objective.vocab_chunk = 4096
-    for block in (sel, ev):
-      block.data.max_docs = 400
-      block.prompts.num = 4
-      block.prompts.length = 8
-      block.prompts.new_tokens = 6
-      block.prompts.batch_size = 4
-    ev.ppl.window = 32
-    ev.ppl.max_windows = 2
-  return config
+
+
+def _pod(config) -> None:
+  """Llama-2-7B / 13B on a pod slice: bf16 compute, FSDP training, C4, WikiText-2 prompts."""
+  p, sel, ev = config.prune, config.select, config.eval
+  config.param_dtype = "float32"
+  config.dtype = "bfloat16"
+  p.k = 32
+  p.max_rounds = 40
+  p.target_sparsity = 0.5
+  p.fdt_bound = 4.0
+  config.data.source = "c4"
+  config.data.data_files = ""
+  config.data.max_docs = 200000
+  config.train.steps = 200
+  config.train.batch_size = 64
+  config.train.seq_len = 2048
+  # 16 rows per microbatch: one per chip of a 16-chip slice (8 rows cannot split over 16
+  # devices); 13B's step on v4-32 then needs 26.0 GiB per chip (dry run)
+  config.train.microbatches = 4
+  config.train.remat = True
+  config.train.attention_chunk = 512
+  config.train.optim.lr = 2e-5
+  config.train.optim.warmup_steps = 10
+  config.train.checkpoint.every = 50
+  config.train.mesh.data = 1
+  config.train.mesh.fsdp = -1
+  config.train.peak_flops = 989e12  # H100 bf16 dense
+  for block in (sel, ev):
+    block.data.source = "wikitext-2-raw-v1"
+    block.data.data_files = ""
+  sel.data.split = "validation"
+  ev.data.split = "test"
+  sel.prompts.num, sel.prompts.length, sel.prompts.new_tokens = 64, 64, 32
+  ev.prompts.num, ev.prompts.length, ev.prompts.new_tokens = 128, 64, 32
+  ev.ppl.window, ev.ppl.max_windows = 2048, 40
+  # float32 params replicated per chip do not fit a v4 chip (7B: 27 GB, its probes 39 GiB
+  # of 30.75); four chips per probe group hold a quarter each (dry run: v4-32)
+  sel.mesh_model = 4
+
+
+def _runlocal(config) -> None:
+  """The tests' CPU-sized run (runlocal / tiny)."""
+  p, sel, ev = config.prune, config.select, config.eval
+  p.ladder = (0.25, 0.5, 0.75)
+  p.k = 2
+  p.max_rounds = 2
+  config.cpu_devices = 1
+  config.data.max_docs = 400
+  config.train.steps = 2
+  config.train.batch_size = 2
+  config.train.seq_len = 32
+  config.train.optim.lr = 1e-3
+  config.train.checkpoint.every = 1
+  config.train.objective.vocab_chunk = 4096
+  for block in (sel, ev):
+    block.data.max_docs = 400
+    block.prompts.num = 4
+    block.prompts.length = 8
+    block.prompts.new_tokens = 6
+    block.prompts.batch_size = 4
+  ev.ppl.window = 32
+  ev.ppl.max_windows = 2
 
 
 def sweep(add):
