@@ -102,6 +102,41 @@ def test_specs_and_recipe_rows(tiny_dir, tmp_path, monkeypatch):
     row = next(r for r in rows if r["target"] == 0.1 and r["method"] == method)
     assert row["fdt_mean"] == agg["fdt_mean"] and row["ppl"] == pytest.approx(agg["ppl"], rel=1e-6)
   assert "owl-wanda" in open(os.path.join(workdir, "summary.txt")).read()
+  _recipe_rows_reuse_the_allocate_records(config, workdir, recipes, tmp_path)
+
+
+def _recipe_rows_reuse_the_allocate_records(config, workdir, recipes, tmp_path):
+  """An allocate run's own held-out records (<recipes>/final) are taken when it used the
+  same model, held-out set, PPL windows and calibration windows, and only then."""
+  res = json.load(open(os.path.join(workdir, "results.json")))
+  ident = json.load(open(os.path.join(workdir, "compare", "sweep.json")))["identity"]
+  cal = {k: v for k, v in ident["calibration"].items() if k != "batch_size"}
+  for name, heldout in (("same", ident["heldout"]), ("other", "0000000000000000")):
+    alloc = tmp_path / f"alloc-{name}"
+    (alloc / "final").mkdir(parents=True)
+    records = []
+    for s in (0.05, 0.1):
+      spec = (recipes / f"recipe-{s:g}.txt").read_text()
+      (alloc / f"recipe-{s:g}.txt").write_text(spec)
+      agg = {k: v for k, v in res["rows"][0].items()
+             if k not in ("target", "method", "variant", "sparsity", "train_steps", "seconds")}
+      records.append({"probe": spec.strip(), "heldout": {**agg, "fdt_mean": 99.0},
+                      "sparsity": s})
+    (alloc / "final" / "probes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (alloc / "final" / "sweep.json").write_text(json.dumps({"identity": {
+        "params": ident["params"], "heldout": heldout, "calibration": cal,
+        "mode": config.calibration.mode}}))
+    (alloc / "results.json").write_text(json.dumps({
+        "operator": "wanda", "data": {"heldout": res["heldout_settings"]},
+        "config": {"alphas": [0.75, 0.9], "kl": bool(config.eval.kl)}}))
+    config.compare.methods, config.compare.specs = (), ()
+    config.compare.recipes = str(alloc)
+    out = str(tmp_path / f"cmp-{name}")
+    assert run_job(config, out) == 0
+    rows = json.load(open(os.path.join(out, "results.json")))["rows"]
+    assert [r["method"] for r in rows] == ["fdt-alloc-wanda"] * 2
+    reused = [r["fdt_mean"] == 99.0 for r in rows]
+    assert reused == ([True, True] if name == "same" else [False, False]), (name, rows)
 
 
 @pytest.mark.parametrize("overrides, needle", [

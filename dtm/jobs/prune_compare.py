@@ -81,6 +81,40 @@ def _one_shot_rows(config, s: float) -> list[tuple[str, str]]:
   return rows
 
 
+def _allocate_records(config, identity: dict, eval_settings: dict) -> dict[str, dict]:
+  """spec -> {aggregate, sparsity, source} of compare.recipes' own held-out evaluations
+  (<recipes>/final), when that allocate run used this job's model, held-out prompts and
+  references, PPL windows, alphas and calibration windows: its records are what this job
+  would compute (the evaluate job reproduces them exactly, tests/test_allocate_job.py).
+  Empty otherwise: the recipes are then applied and evaluated here."""
+  directory = config.compare.recipes
+  try:
+    with open(os.path.join(directory, "results.json")) as f:
+      res = json.load(f)
+    with open(os.path.join(directory, "final", "sweep.json")) as f:
+      final = json.load(f)["identity"]
+  except (OSError, ValueError, KeyError):
+    return {}
+  cal = dict(identity["calibration"] or {})
+  cal.pop("batch_size", None)
+  cfg = res.get("config", {})
+  same = (final.get("params") == identity["params"]
+          and final.get("heldout") == identity["heldout"]
+          and final.get("calibration") == cal
+          and final.get("mode") == config.calibration.mode
+          and res.get("data", {}).get("heldout") == eval_settings
+          and sorted(cfg.get("alphas", ())) == sorted(identity["alphas"])
+          and bool(cfg.get("kl")) == bool(config.eval.kl))
+  if not same:
+    return {}
+  out = {}
+  for line in open(os.path.join(directory, "final", "probes.jsonl")):
+    rec = json.loads(line)
+    out[rec["probe"]] = {"aggregate": rec["heldout"], "sparsity": rec["sparsity"],
+                         "seconds": None, "source": os.path.join(directory, "final")}
+  return out
+
+
 def _recipe_operator(directory: str) -> str:
   """The allocate job's operator (its results.json), for the row label."""
   try:
@@ -127,6 +161,7 @@ def run(config, workdir: str) -> dict | None:
               "calibration": None if ctx.windows is None else ctx.windows[1],
               "train": config.train.to_dict(), "train_data": config.data.to_dict()}
   ctx.store = ProbeStore.open(os.path.join(workdir, "compare"), identity)
+  ctx.reusable = _allocate_records(config, identity, ev.settings)
   rows = []
   for s in sparsities:
     reached = next((r for r in records if r["sparsity"] >= s - 1e-9), None)
@@ -163,6 +198,7 @@ class _Context:
         model.cfg.num_layers) for spec in specs)
     self.windows = common.calibration_data(config, model) if calibrated else None
     self.store = None
+    self.reusable: dict[str, dict] = {}
 
   def method_rows(self, label: str, spec: str, s: float, budget: int) -> list[dict] | None:
     """The one-shot row of `spec` (and its trained row when there is a budget), each
@@ -172,6 +208,10 @@ class _Context:
     params_c, out = None, []
     for variant, steps in variants:
       key = f"{spec}|{variant}|{steps}"
+      if key not in self.store.records and variant == "one-shot" and spec in self.reusable:
+        self.store.add([{"probe": key, **self.reusable[spec]}])
+        print(f"{label} {s:g}: the allocate job's held-out record (same model, held-out "
+              f"set, PPL windows and calibration windows)", flush=True)
       if key not in self.store.records:
         t1 = time.time()
         if params_c is None:
