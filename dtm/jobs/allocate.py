@@ -210,7 +210,6 @@ class _State:
     store = ProbeStore.open(os.path.join(workdir, "select"), ident)
     out: dict[float, list[dict]] = {}
     for target in (float(t) for t in self.a.targets):
-      seen = set()
       for cost, unit, band in self._variants():
         t = tables[cost] if unit == "component" else allocation.group_by_layer(tables[cost])
         try:
@@ -219,10 +218,7 @@ class _State:
           print(f"target {target:g} cost {cost} per {unit} band {band:g}: skipped ({e})")
           continue
         spec = allocation.recipe(rates, self.a.operator, self.a.operator_args)
-        if spec in seen:  # e.g. band 0: the uniform allocation, whatever the cost
-          continue
-        seen.add(spec)
-        if spec not in store.records:
+        if spec not in store.records:  # a spec two variants share is measured once
           store.add([{"probe": spec, **self._measure_selection(spec)}])
         rec = store.records[spec]
         out.setdefault(target, []).append({
