@@ -81,7 +81,8 @@ def prediction(path: str, candidates: list[dict], model: str) -> None:
   combined model (same prompts), with the y = x line."""
   plt = _pyplot()
   costs = sorted({c["cost"] for c in candidates} | set(candidates[0]["predicted"]))
-  fig, axes = plt.subplots(1, len(costs), figsize=(3.3 * len(costs), 3.2))
+  fig, axes = plt.subplots(1, len(costs), figsize=(3.0 * len(costs) + 1.0, 3.2),
+                           layout="constrained")
   for ax, cost in zip(np.atleast_1d(axes), costs):
     for unit, marker in (("component", "o"), ("layer", "s")):
       pts = [(c["predicted"][cost], c["measured"][cost], c["target"]) for c in candidates
@@ -92,11 +93,12 @@ def prediction(path: str, candidates: list[dict], model: str) -> None:
                         vmin=0, vmax=1)
     lim = [0, max([max(c["predicted"][cost], c["measured"][cost]) for c in candidates] + [1e-9])]
     ax.plot(lim, lim, color="gray", lw=0.8, ls="--")
-    ax.set_xlabel(f"predicted {cost} (sum of probes)")
-    ax.set_ylabel(f"measured {cost} (combined model)")
+    ax.set_xlabel("predicted: sum of single probes", fontsize=8)
+    ax.set_ylabel("measured on the combined model", fontsize=8)
+    ax.set_title(f"cost {cost}", fontsize=9)
     ax.grid(alpha=0.3)
   np.atleast_1d(axes)[0].legend(fontsize=7)
-  fig.colorbar(sc, ax=np.atleast_1d(axes).tolist(), label="target sparsity")
+  fig.colorbar(sc, ax=np.atleast_1d(axes).tolist(), label="target sparsity", shrink=0.9)
   fig.suptitle(f"{model}: does the sum of single-component costs predict the combined model?",
                fontsize=9)
   fig.savefig(path, dpi=120)
