@@ -65,7 +65,9 @@ def _calibrate() -> tuple[float, float]:
   """The CPU model's two rates (`targets.measure_cpu_peak` / `measure_cpu_bandwidth`),
   measured again right after the job: under a load that changes during the run, the
   preflight's calibration is the term that moves."""
+  from dtm import cli
   from dtm.aot import targets
+  cli._quiet_libtpu()  # the CPU backend, without libtpu's start-up noise (as main.py)
   return targets.measure_cpu_peak(), targets.measure_cpu_bandwidth()
 
 
