@@ -9,6 +9,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import jax  # noqa: E402
+
+from dtm import cli as _cli  # noqa: E402
+
+_cli._quiet_libtpu()  # CPU benches: the CPU backend, without libtpu's start-up noise
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
