@@ -24,8 +24,9 @@ def get_config(arg=None):
   config.job = "prune"
   common.model_fields(config, common.model_name(arg.model))
   p = config.prune = ml_collections.ConfigDict()
-  # Magnitude rates a component climbs, one level per increment (strictly increasing, in (0, 1)).
+  # Rates a component climbs, one level per increment (strictly increasing, in (0, 1)).
   p.ladder = (0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+  _operator_fields(config)
   # Increments (components moved one level up) applied per round (>= 1).
   p.k = 42
   # α of the FDT_α that ranks the candidates (ties: lower SDT, then lower DPPL) and is
@@ -68,6 +69,31 @@ def get_config(arg=None):
   if arg.runlocal or arg.tiny:
     _runlocal(config)
   return config
+
+
+def _operator_fields(config) -> None:
+  p = config.prune
+  # What an increment does (dtm.search.increments): 'magnitude' (the paper: zero the
+  # smallest current weights), or a calibrated operator, 'wanda' | 'sparsegpt', with the
+  # CURRENT model's statistics on config.calibration's windows, re-collected every round.
+  p.method = "magnitude"
+  # Extra arguments of the method, e.g. 'percdamp=0.01, blocksize=128' (never the rate).
+  p.method_args = ""
+  # How candidates are ranked: 'fdt' (the paper: highest FDT_alpha, then lowest SDT, then
+  # DPPL) or 'kl' (lowest mean KL(F||F') on the selection prompts per weight the increment
+  # zeroes, then FDT_alpha).
+  p.rank_by = "fdt"
+  # Start from a one-shot recipe instead of F (refinement): a recipe file (the allocate
+  # job's recipe-<target>.txt) or spec text, with prune.method and a rate on every
+  # component; round 0 is F with it applied with config.calibration; '' = start at F.
+  p.start = ""
+  # Calibration windows of the calibrated operators (unused by magnitude); the increments
+  # are applied with calibration.mode (sequential, as the references) on the current model.
+  common.calibration_fields(config)
+  config.calibration.source = "text"
+  config.calibration.data_files = f"{SHARED_DATA}/wikitext-2/wiki.valid.tokens"
+  config.calibration.samples = 64
+  config.calibration.length = 512
 
 
 def _selection_fields(config) -> None:
@@ -120,6 +146,9 @@ def _pod(config) -> None:
   config.data.source = "c4"
   config.data.data_files = ""
   config.data.max_docs = 200000
+  config.calibration.source, config.calibration.data_files = "c4", ""
+  config.calibration.max_docs, config.calibration.samples = 20000, 128
+  config.calibration.length = 2048
   config.train.steps = 200
   config.train.batch_size = 64
   config.train.seq_len = 2048
@@ -169,6 +198,10 @@ def _runlocal(config) -> None:
     block.prompts.batch_size = 4
   ev.ppl.window = 32
   ev.ppl.max_windows = 2
+  config.calibration.samples = 4
+  config.calibration.length = 32
+  config.calibration.batch_size = 4
+  config.calibration.max_docs = 400
 
 
 def sweep(add):

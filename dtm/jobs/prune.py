@@ -1,4 +1,6 @@
-"""Prune job: FDT-guided iterative magnitude pruning (`dtm.search.prune_rounds`).
+"""Prune job: FDT-guided iterative pruning (`dtm.search.prune_rounds`), by magnitude or
+with a calibrated operator (prune.method=wanda|sparsegpt, `dtm.search.increments`),
+from F or from a one-shot recipe (prune.start: refinement of an allocation).
 
 Steps: load F; selection prompts with F's references (config.select); held-out prompts,
 references and PPL windows (config.eval; disjoint from the selection prompts); training
@@ -23,7 +25,7 @@ from dtm.errors import DtmError
 from dtm.jobs import common, validate
 from dtm.jobs.train import load_for_training, training_tokens
 from dtm.model import abstract_params
-from dtm.search import plots, prune_rounds
+from dtm.search import increments, plots, prune_rounds
 from dtm.train import sharding
 from dtm.train import trainer
 
@@ -40,7 +42,10 @@ def settings_of(config, num_layers: int | None) -> prune_rounds.PruneSettings:
       ladder=tuple(float(x) for x in p.ladder), k=int(p.k), alpha=float(p.alpha),
       fdt_bound=float(p.fdt_bound), target_sparsity=float(p.target_sparsity),
       max_rounds=int(p.max_rounds),
-      components=prune_rounds.prunable(p.components, num_layers) if num_layers else ())
+      components=prune_rounds.prunable(p.components, num_layers) if num_layers else (),
+      operator=increments.Operator(p.method, p.method_args, config.calibration.mode,
+                                   int(config.calibration.batch_size)),
+      rank_by=p.rank_by)
   if num_layers is None:
     compress.parse_rule(f"{p.components}:identity")
   prune_rounds.validate_settings(s, int(config.eval.prompts.new_tokens))
@@ -67,7 +72,9 @@ def _check_prompt_blocks(config) -> None:
 
 def run(config, workdir: str) -> dict | None:
   os.makedirs(workdir, exist_ok=True)
-  settings_of(config, None)  # model-independent checks before the slow load
+  settings = settings_of(config, None)  # model-independent checks before the slow load
+  if settings.operator.calibrated:
+    common.check_calibration_block(config.calibration, settings.operator.name)
   validate.validate(config)
   _check_prompt_blocks(config)
   steps = int(config.train.steps)
@@ -86,6 +93,10 @@ def run(config, workdir: str) -> dict | None:
   if steps > 0:
     tokens = training_tokens(config, model.tokenizer)
     trainer.validate(config.train, train_mesh, tokens.size)
+  windows = cal_settings = None
+  if settings.operator.calibrated:
+    windows, cal_settings = common.calibration_data(config, model)
+  start_spec, start_levels = _start(config, model.params, settings)
   sel = common.build_eval_data(config.select, model.tokenizer, need_ppl=False)
   ev = common.build_eval_data(config.eval, model.tokenizer)
   prune_rounds.check_disjoint(sel.prompts, ev.prompts)
@@ -103,7 +114,9 @@ def run(config, workdir: str) -> dict | None:
               "select": io_utils.array_fingerprint(sel.prompts, y_sel),
               "heldout": io_utils.array_fingerprint(ev.prompts, y_ev),
               "tokens": io_utils.array_fingerprint(tokens),
-              "config": _identity_config(config)}
+              "calibration": None if cal_settings is None else {
+                  k: v for k, v in cal_settings.items() if k != "batch_size"},
+              "start": start_spec, "config": _identity_config(config)}
   prune_rounds.check_identity(workdir, identity)
   print(f"pruning search: {len(settings.components)} prunable components, ladder "
         f"{settings.ladder}, k={settings.k}, FDT_{settings.alpha:g} on {sel.prompts.shape[0]} "
@@ -114,12 +127,45 @@ def run(config, workdir: str) -> dict | None:
       cfg=cfg, params=model.params, select_seq=np.concatenate([sel.prompts, y_sel], axis=1),
       c=int(sel.prompts.shape[1]), heldout=held, tc=config.train, tokens=tokens,
       tokenizer=model.tokenizer, alphas=alphas, mesh=probe_mesh, train_mesh=train_mesh,
-      param_shardings=layout, identity={"prune": identity["params"]})
+      param_shardings=layout, identity={"prune": identity["params"]}, windows=windows,
+      start_levels=start_levels,
+      start_params=_start_params(config, model, start_spec, windows, cal_settings, layout))
   records, reason = prune_rounds.run(ctx, settings, workdir)
   if reason is None:
     return None  # SIGTERM during training: the trainer saved; rerun to resume
   return _outputs(config, workdir, model, ctx, settings, records, reason, alphas,
                   {"select": sel.settings, "heldout": ev.settings})
+
+
+def _start(config, params, settings) -> tuple[str | None, dict]:
+  """prune.start (a recipe file, e.g. the allocate job's recipe-0.4.txt, or spec text)
+  -> (its canonical spec, Component -> rate); (None, {}) when the search starts at F."""
+  text = config.prune.start.strip()
+  if not text:
+    return None, {}
+  if os.path.isfile(text):
+    with open(text) as f:
+      text = f.read().strip()
+  elif "@" not in text and ":" not in text:
+    raise DtmError(f"prune.start={text!r} is neither a recipe file nor a spec")
+  num_layers, shapes = compress.kernel_shapes(params)
+  spec = compress.validate(text, num_layers, shapes)
+  levels = increments.levels_of_spec(spec, num_layers, settings.operator, settings.components)
+  if not levels:
+    raise DtmError("prune.start selects no component: give a recipe with rates, or leave it empty")
+  return prune_rounds.spec_of(levels, settings.operator), levels
+
+
+def _start_params(config, model, spec, windows, cal_settings, layout):
+  """Round 0's model of a refinement: F with the start recipe applied with
+  config.calibration (as the evaluate job applies a recipe), placed like F."""
+  if spec is None:
+    return None
+  params, _, _ = common.compress_model(config, model, spec,
+                                       None if windows is None else (windows, cal_settings))
+  if layout is not None:
+    return jax.device_put(params, layout)
+  return jax.tree.map(lambda x: jax.device_put(np.asarray(x)), params)
 
 
 def _identity_config(config) -> dict:

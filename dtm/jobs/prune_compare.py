@@ -126,8 +126,7 @@ def _recipe_operator(directory: str) -> str:
 
 def _prune_config(config, target: float):
   d = config.to_dict()
-  for key in ("compare", "calibration"):
-    d.pop(key)
+  d.pop("compare")  # calibration stays: the rounds' calibrated operator (prune.method) uses it
   pc = ml_collections.ConfigDict(d)
   pc.job = "prune"
   pc.prune.target_sparsity = target
@@ -167,7 +166,9 @@ def run(config, workdir: str) -> dict | None:
     reached = next((r for r in records if r["sparsity"] >= s - 1e-9), None)
     budget = reached["round"] * int(config.train.steps) if reached else 0
     if reached is not None:
-      rows.append({"target": s, "method": "fdt-guided", "variant": f"round {reached['round']}",
+      method = ("fdt-guided" if config.prune.method == "magnitude"
+                else f"fdt-guided {config.prune.method}")
+      rows.append({"target": s, "method": method, "variant": f"round {reached['round']}",
                    "sparsity": reached["sparsity"], "train_steps": budget, **reached["heldout"]})
     elif config.compare.fdt_guided:
       print(f"FDT-guided pruning did not reach sparsity {s:g} (stopped at "

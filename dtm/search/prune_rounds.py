@@ -1,15 +1,18 @@
-"""FDT-guided iterative magnitude pruning (Deiseroth et al. 2023, arXiv 2311.01544, Sec. 5).
+"""FDT-guided iterative pruning (Deiseroth et al. 2023, arXiv 2311.01544, Sec. 5).
 
-The model of round r is the original F with per-component magnitude sparsity levels
-(`levels`: Component -> rate; `spec_of` is the one place that turns them into a spec),
-pruned and trained round by round. Round r:
+The model of round r is the original F (or a start recipe applied to it) with
+per-component sparsity levels (`levels`: Component -> rate; `spec_of` is the one place
+that turns them into a spec), pruned and trained round by round. The operator of an
+increment is magnitude (the paper, described below) or a calibrated one, Wanda or
+SparseGPT, with the current model's statistics (`dtm.search.increments`). Round r:
 
   1. candidates: every prunable component not at the top of the ladder, at its next level;
   2. probe every candidate on the CURRENT (pruned, trained) model against the references
      y = greedy(F, p, N) of the ORIGINAL model on the selection prompts (`probe.ProbeRunner`
      with the current params as its base: one component compressed per probe);
   3. choose the k candidates with the highest FDT_α (ties: lower SDT, then lower DPPL,
-     then component order);
+     then component order; or the lowest KL, `rank_by`), fewer in the round that
+     reaches the target sparsity (`to_target`);
   4. apply them: magnitude on the current trained weights (pruned zeros have |w| = 0, the
      lowest magnitudes, so they stay zero), then T steps of continued training
      (`dtm.train.trainer.train`, KL distillation from F, masks keep every zero);
@@ -30,13 +33,10 @@ A run killed at any moment and restarted continues and ends with the same record
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
-import json
 import logging
 import os
 import shutil
-import sys
 import time
 from typing import Callable, Mapping
 
@@ -46,16 +46,15 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from dtm import checkpoint, compress, io_utils, metrics, probe
+from dtm import checkpoint, compress, io_utils
 from dtm.components import KINDS, Component, get_path, kernel_path, parse_component
+from dtm.search import increments
+from dtm.search.round_log import RoundLog, check_identity  # noqa: F401 (the search's records)
 from dtm.errors import DtmError
 from dtm.sweep_store import ProbeStore
 from dtm.train import trainer
 
 log = logging.getLogger("dtm")
-
-MAGNITUDE = probe.MethodFamily("magnitude")
-
 
 @dataclasses.dataclass(frozen=True)
 class PruneSettings:
@@ -65,7 +64,10 @@ class PruneSettings:
   k: increments applied per round; alpha: the α of the FDT_α that ranks candidates and is
   checked against `fdt_bound` on the held-out prompts (stop when FDT_α < bound, 0 = never);
   target_sparsity: stop once the fraction of zeros in all linear kernels reaches it;
-  max_rounds: at most this many pruning rounds; components: the prunable components.
+  max_rounds: at most this many pruning rounds; components: the prunable components;
+  operator: what an increment does (`increments.Operator`: magnitude, wanda, sparsegpt);
+  rank_by: 'fdt' (the paper: highest FDT_α, then lowest SDT, then DPPL) or 'kl' (lowest
+  mean KL(F||F') of the candidate per weight its increment zeroes, then highest FDT_α).
   """
   ladder: tuple[float, ...]
   k: int
@@ -74,6 +76,11 @@ class PruneSettings:
   target_sparsity: float
   max_rounds: int
   components: tuple[Component, ...]
+  operator: increments.Operator = increments.Operator()
+  rank_by: str = "fdt"
+
+
+RANK_BY = ("fdt", "kl")
 
 
 def validate_settings(s: PruneSettings, new_tokens: int) -> None:
@@ -96,6 +103,9 @@ def validate_settings(s: PruneSettings, new_tokens: int) -> None:
     raise DtmError(f"prune.target_sparsity must be in (0, 1), got {s.target_sparsity}")
   if s.max_rounds < 1:
     raise DtmError(f"prune.max_rounds must be >= 1, got {s.max_rounds}")
+  if s.rank_by not in RANK_BY:
+    raise DtmError(f"prune.rank_by must be one of {', '.join(RANK_BY)}, got {s.rank_by!r}")
+  increments.check_operator(s.operator)
 
 
 def check_disjoint(select_PC: np.ndarray, heldout_PC: np.ndarray, run: int = 16) -> None:
@@ -127,19 +137,12 @@ def prunable(selector: str, num_layers: int) -> tuple[Component, ...]:
 # ------------------------------------------------------------------------------ levels
 
 
-def spec_of(levels: Mapping[Component, float]) -> str:
-  """The canonical spec of a level map: one `magnitude(rate)` rule per (kind, rate),
-  kinds in KINDS order, rates ascending, layers merged ('q@0-2,5:magnitude(rate=0.5)');
-  components at level 0 are left out ('none' if all are)."""
-  groups: dict[tuple[str, float], list[int]] = collections.defaultdict(list)
-  for comp, level in levels.items():
-    if level > 0:
-      groups[(comp.kind, float(level))].append(comp.layer)
-  rules = [compress.Rule((kind,), tuple(sorted(layers)), compress.Method("magnitude",
-                                                                        {"rate": level}))
-           for (kind, level), layers in sorted(groups.items(),
-                                               key=lambda g: (KINDS.index(g[0][0]), g[0][1]))]
-  return compress.Spec(tuple(rules)).to_string()
+def spec_of(levels: Mapping[Component, float], op: increments.Operator = increments.Operator()
+            ) -> str:
+  """The canonical spec of a level map (`increments.Operator.spec`; magnitude by default):
+  one rule per (kind, rate), kinds in KINDS order, rates ascending, layers merged
+  ('q@0-2,5:magnitude(rate=0.5)'); components at level 0 are left out ('none' if all are)."""
+  return op.spec(levels)
 
 
 def levels_to_json(levels: Mapping[Component, float]) -> dict[str, float]:
@@ -162,15 +165,51 @@ def candidates(levels: Mapping[Component, float], s: PruneSettings
   return out
 
 
-def rank_key(agg: Mapping[str, float], alpha: float) -> tuple[float, float, float]:
-  """Sort key, best first: highest FDT_α, then lowest SDT, then lowest DPPL."""
+def rank_key(agg: Mapping[str, float], alpha: float, rank_by: str = "fdt",
+             weights: float = 1.0) -> tuple[float, ...]:
+  """Sort key, best first: 'fdt': highest FDT_α, then lowest SDT, then lowest DPPL; 'kl':
+  lowest mean KL per weight the increment prunes (`weights`: how many it zeroes; a
+  greedy knapsack step), then highest FDT_α, then lowest DPPL."""
+  if rank_by == "kl":
+    return (agg["kl_mean"] / weights, -agg[f"fdt_alpha_{alpha:g}"], agg["dppl"])
   return (-agg[f"fdt_alpha_{alpha:g}"], agg["sdt_mean"], agg["dppl"])
 
 
-def choose(results: Mapping[Component, Mapping[str, float]], k: int,
-           alpha: float) -> list[Component]:
-  """The k best candidates by `rank_key` (remaining ties: component order)."""
-  return sorted(results, key=lambda c: (rank_key(results[c], alpha), c))[:k]
+def choose(results: Mapping[Component, Mapping[str, float]], k: int, alpha: float,
+           rank_by: str = "fdt", weights: Mapping[Component, float] | None = None
+           ) -> list[Component]:
+  """The k best candidates by `rank_key` (remaining ties: component order); weights:
+  component -> weights its increment zeroes (rank_by 'kl')."""
+  w = weights or {}
+  return sorted(results, key=lambda c: (rank_key(results[c], alpha, rank_by, w.get(c, 1.0)),
+                                        c))[:k]
+
+
+def to_target(chosen: list[Component], levels: Mapping[Component, float],
+              next_level: Mapping[Component, float], numel: Mapping[str, int],
+              target: float) -> list[Component]:
+  """The shortest prefix of the ranked `chosen` whose increments bring the overall
+  sparsity of the linear kernels (as the levels give it) to `target`; all of `chosen` if
+  they do not reach it. So the last round lands on the target instead of overshooting
+  it by up to k increments (comparisons at equal sparsity). numel: kind -> weights of
+  one component of that kind, and '_total': all linear-kernel weights (`_numel`)."""
+  total = numel["_total"]
+  zeros = sum(numel[c.kind] * lvl for c, lvl in levels.items())
+  for i, comp in enumerate(chosen):
+    zeros += numel[comp.kind] * (next_level[comp] - levels.get(comp, 0.0))
+    if zeros >= target * total - 1e-9:
+      return chosen[:i + 1]
+  return chosen
+
+
+def _numel(params) -> dict[str, int]:
+  """kind -> weights per component, and '_total': all linear-kernel weights."""
+  out = {}
+  for kind in KINDS:
+    shape = get_path(params, kernel_path(kind)).shape  # [L, in, out]
+    out[kind] = int(shape[1] * shape[2])
+    out["_total"] = out.get("_total", 0) + int(shape[0] * shape[1] * shape[2])
+  return out
 
 
 def linear_sparsity(params) -> dict:
@@ -193,102 +232,14 @@ def linear_sparsity(params) -> dict:
 
 
 def probe_id(comp: Component, level: float) -> str:
-  return f"{comp.name}:magnitude({level:g})"
+  """The store id of a magnitude candidate (`increments.Operator.probe_id`)."""
+  return increments.Operator().probe_id(comp, level)
 
 
-def probe_candidates(cfg, params, seq_PS: np.ndarray, c: int, cands, store: ProbeStore,
-                     alphas, mesh=None) -> dict[Component, dict]:
-  """FDT/SDT/DPPL aggregates of each candidate (component compressed at its level on top
-  of `params`), measured on s = p ⊕ y (seq_PS int32 [P, c+N], y from the original model).
-
-  Probes not yet in `store` are run with `probe.ProbeRunner` (one probe per device and
-  call) and appended per call, so a killed round resumes where it stopped."""
-  todo = [(comp, lvl) for comp, lvl in cands if probe_id(comp, lvl) not in store.records]
-  if todo:
-    _, shapes = compress.kernel_shapes(params)
-    runner = probe.ProbeRunner(cfg, params, seq_PS, c, mesh or probe.probe_mesh(), kl=False,
-                               kinds=tuple(sorted({comp.kind for comp, _ in todo})))
-    work = {comp: [((comp, lvl), probe.dynamic_arg(MAGNITUDE, lvl, int(np.prod(shapes[comp.kind]))))]
-            for comp, lvl in todo}
-    calls = [(MAGNITUDE, slots) for slots in probe.schedule(work, runner.num_devices, 1,
-                                                                   runner.uniform)]
-    bar = tqdm(total=len(todo), unit="probe", desc="probes", smoothing=0.1,
-               mininterval=0.5 if sys.stderr.isatty() else 30)
-    for slots, outs in runner.stream(calls):
-      recs = []
-      for slot, out in zip(slots, outs):
-        comp, lvl = slot.keys[0]
-        per = {k: np.asarray(v[0]) for k, v in out.items() if k != "sparsity"}
-        recs.append({"probe": probe_id(comp, lvl), "component": comp.name, "level": lvl,
-                     "sparsity": round(float(out["sparsity"][0]), 6),
-                     "aggregate": metrics.aggregate(per, alphas),
-                     "fdt": per["fdt"].tolist()})
-      store.add(recs)
-      bar.update(len(recs))
-    bar.close()
-  return {comp: store.records[probe_id(comp, lvl)]["aggregate"] for comp, lvl in cands}
+probe_candidates = increments.probe_candidates
 
 
 # ------------------------------------------------------------------------------ records
-
-
-class RoundLog:
-  """rounds.jsonl: one JSON record per committed round, appended with write + fsync; an
-  unterminated last line (a kill during the write) is cut off when opened."""
-
-  def __init__(self, path: str):
-    self.path = path
-    self.records: list[dict] = []
-    if not os.path.exists(path):
-      return
-    with open(path, "rb") as f:
-      raw = f.read()
-    good_end = 0
-    for line in raw.split(b"\n")[:-1]:
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        break
-      if rec["round"] != len(self.records):
-        raise DtmError(f"{path}: record of round {rec['round']} where round "
-                       f"{len(self.records)} was expected; the file is not this job's")
-      self.records.append(rec)
-      good_end += len(line) + 1
-    if good_end < len(raw):
-      with open(path, "r+b") as f:
-        f.truncate(good_end)
-
-  def append(self, rec: dict) -> None:
-    if rec["round"] != len(self.records):
-      raise ValueError(f"round {rec['round']} appended after {len(self.records)} records")
-    with open(self.path, "a") as f:
-      f.write(json.dumps(rec, separators=(",", ":")) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-    self.records.append(rec)
-
-
-def check_identity(workdir: str, identity: dict) -> None:
-  """Pin the search's settings in workdir/prune_config.json; a workdir holding a search
-  with other settings is refused, naming the differing fields."""
-  path = os.path.join(workdir, "prune_config.json")
-  identity = json.loads(json.dumps(identity))
-  if not os.path.exists(path):
-    io_utils.atomic_write_json(path, identity)
-    return
-  with open(path) as f:
-    old = json.load(f)
-  diff = _diff(old, identity)
-  if diff:
-    shown = ", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
-    raise DtmError(f"workdir {workdir} holds a pruning search with a different config "
-                   f"(differs in: {shown}); use another --workdir, or the same settings to resume")
-
-
-def _diff(a, b, prefix: str = "") -> list[str]:
-  if isinstance(a, dict) and isinstance(b, dict):
-    return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
-  return [] if a == b else [prefix[:-1]]
 
 
 def stop_reason(records: list[dict], s: PruneSettings) -> str | None:
@@ -316,7 +267,9 @@ class Context:
   round, 0 = no training); tokens: the training token stream; tokenizer: saved with every
   round model; param_shardings: where each round's params are placed (F's layout, e.g.
   the trainer's FSDP shardings; None: uncommitted on the default device, as
-  `load_model`); identity: extra settings pinned per round."""
+  `load_model`); identity: extra settings pinned per round; windows: the calibration
+  windows of a calibrated operator; start_params / start_levels: round 0's model and
+  levels when the search refines a one-shot recipe (default: F, nothing pruned)."""
   cfg: object
   params: dict
   select_seq: np.ndarray
@@ -330,6 +283,9 @@ class Context:
   train_mesh: object = None  # trainer mesh (default: from tc.mesh)
   param_shardings: object = None  # params-shaped tree of Shardings, or None
   identity: dict = dataclasses.field(default_factory=dict)
+  windows: np.ndarray | None = None  # calibration windows int32 [n, T] (calibrated operators)
+  start_params: dict | None = None   # round 0's model when it is not F (a start recipe)
+  start_levels: dict = dataclasses.field(default_factory=dict)  # its Component -> rate
 
 
 def round_dir(workdir: str, r: int) -> str:
@@ -346,42 +302,26 @@ def run(ctx: Context, s: PruneSettings, workdir: str,
   rounds = RoundLog(os.path.join(workdir, "rounds.jsonl"))
   alphas = tuple(sorted(set(ctx.alphas) | {s.alpha}))
   t0 = time.perf_counter()
+  start = ctx.params if ctx.start_params is None else ctx.start_params
   if not rounds.records:
-    rounds.append(_record(0, {}, [], None, ctx.params, ctx.heldout, alphas, t0))
+    rounds.append(_record(0, ctx.start_levels, [], None, start, ctx.heldout, alphas, t0, s))
     if on_round:
       on_round(rounds.records[-1])
   last = rounds.records[-1]
   levels = levels_from_json(last["levels"])
-  params = ctx.params if last["round"] == 0 else _restore(ctx, round_dir(workdir, last["round"]))
+  params = start if last["round"] == 0 else _restore(ctx, round_dir(workdir, last["round"]))
   _tidy(workdir, last["round"])
   bar = tqdm(total=s.max_rounds, initial=last["round"], unit="round", desc="pruning rounds",
              mininterval=0)
   while (reason := stop_reason(rounds.records, s)) is None:
     r = len(rounds.records)
-    rdir = round_dir(workdir, r)
     t_round = time.perf_counter()
-    cands = candidates(levels, s)
-    store = ProbeStore.open(os.path.join(rdir, "probe"), {
-        "round": r, "base_params": io_utils.params_fingerprint(params),
-        "select": io_utils.array_fingerprint(ctx.select_seq),
-        "candidates": [probe_id(cm, lvl) for cm, lvl in cands], "alphas": list(alphas)})
-    results = probe_candidates(ctx.cfg, params, ctx.select_seq, ctx.c, cands, store, alphas,
-                               ctx.mesh)
-    chosen = choose(results, s.k, s.alpha)
-    next_level = dict(cands)
-    new_levels = {**levels, **{cm: next_level[cm] for cm in chosen}}
-    t_train = time.perf_counter()
-    new_params = _prune_and_train(ctx, params, spec_of(new_levels), r, rdir)
-    t_eval = time.perf_counter()
-    if new_params is None:
+    out = _round(ctx, s, params, levels, r, round_dir(workdir, r), alphas)
+    if out is None:
       bar.close()
       return rounds.records, None
-    selection = [{"component": cm.name, "level": next_level[cm], **{
-        k: results[cm][k] for k in (f"fdt_alpha_{s.alpha:g}", "fdt_mean", "sdt_mean", "dppl")}}
-                 for cm in chosen]
-    rec = _record(r, new_levels, selection, len(cands), new_params, ctx.heldout, alphas, t_round)
-    rec["phase_seconds"] = {"selection": t_train - t_round, "prune_and_train": t_eval - t_train,
-                            "evaluation": time.perf_counter() - t_eval}
+    new_params, new_levels, rec = out
+    rec["seconds"] = time.perf_counter() - t_round
     rounds.append(rec)  # committed: the round's model is already on disk
     _tidy(workdir, r)
     params, levels = new_params, new_levels
@@ -389,32 +329,90 @@ def run(ctx: Context, s: PruneSettings, workdir: str,
     bar.set_postfix(sparsity=f"{rec['sparsity']:.3f}",
                     fdt=f"{rec['heldout'][f'fdt_alpha_{s.alpha:g}']:g}", refresh=True)
     ph = rec["phase_seconds"]
-    print(f"round {r}: +{len(chosen)} increments, sparsity {rec['sparsity']:.4f}, held-out "
-          f"{_eval_line(rec['heldout'])} ({rec['seconds']:.0f} s: selection "
-          f"{ph['selection']:.0f}, prune + training {ph['prune_and_train']:.0f}, "
-          f"evaluation {ph['evaluation']:.0f})", flush=True)
+    print(f"round {r}: +{len(rec['chosen'])} increments, sparsity {rec['sparsity']:.4f}, "
+          f"held-out {_eval_line(rec['heldout'])} ({rec['seconds']:.0f} s: "
+          + ", ".join(f"{k.replace('_', ' ')} {v:.0f}" for k, v in ph.items()) + ")", flush=True)
     if on_round:
       on_round(rec)
   bar.close()
   return rounds.records, reason
 
 
-def _record(r: int, levels, selection, num_candidates, params, heldout, alphas, t_start) -> dict:
+class _Laps:
+  """Seconds between successive calls, by name."""
+
+  def __init__(self):
+    self.t0 = self.last = time.perf_counter()
+    self.seconds: dict[str, float] = {}
+
+  def __call__(self, name: str) -> None:
+    now = time.perf_counter()
+    self.seconds[name] = now - self.last
+    self.last = now
+
+
+def _round(ctx: Context, s: PruneSettings, params, levels, r: int, rdir: str, alphas):
+  """One round on the current params -> (new params, new levels, record without its
+  total seconds), or None if training was interrupted."""
+  op, lap = s.operator, _Laps()
+  cands = candidates(levels, s)
+  store = ProbeStore.open(os.path.join(rdir, "probe"), {
+      "round": r, "base_params": io_utils.params_fingerprint(params),
+      "select": io_utils.array_fingerprint(ctx.select_seq),
+      "candidates": [op.probe_id(cm, lvl) for cm, lvl in cands], "alphas": list(alphas)})
+  stats = None
+  if op.calibrated:  # the current model's statistics (probes, and a parallel apply)
+    if op.mode == "parallel" or any(op.probe_id(cm, lvl) not in store.records for cm, lvl in cands):
+      stats = increments.statistics(ctx.cfg, params, op, ctx.windows,
+                                    {cm.layer for cm, _ in cands})
+    lap("statistics")
+  results = probe_candidates(ctx.cfg, params, ctx.select_seq, ctx.c, cands, store, alphas,
+                             ctx.mesh, op, stats, kl=s.rank_by == "kl")
+  numel = _numel(params)
+  weights = {cm: numel[cm.kind] * (lvl - levels.get(cm, 0.0)) for cm, lvl in cands}
+  chosen = to_target(choose(results, s.k, s.alpha, s.rank_by, weights), levels, dict(cands),
+                     numel, s.target_sparsity)
+  step = {cm: lvl for cm, lvl in cands if cm in chosen}
+  new_levels = {**levels, **step}
+  lap("selection")
+  new_params = _prune_and_train(ctx, params, spec_of(new_levels, op), r, rdir, step, op, stats)
+  if new_params is None:
+    return None
+  lap("prune_and_train")
+  keys = [f"fdt_alpha_{s.alpha:g}", "fdt_mean", "sdt_mean", "dppl"] + (
+      ["kl_mean"] if s.rank_by == "kl" else [])
+  selection = [{"component": cm.name, "level": step[cm], **{k: results[cm][k] for k in keys}}
+               for cm in chosen]
+  rec = _record(r, new_levels, selection, len(cands), new_params, ctx.heldout, alphas,
+                lap.t0, s)
+  lap("evaluation")
+  rec["phase_seconds"] = lap.seconds
+  return new_params, new_levels, rec
+
+
+def _record(r: int, levels, selection, num_candidates, params, heldout, alphas, t_start,
+            s: PruneSettings) -> dict:
   sp = linear_sparsity(params)
-  return {"round": r, "spec": spec_of(levels), "levels": levels_to_json(levels),
+  return {"round": r, "spec": spec_of(levels, s.operator), "levels": levels_to_json(levels),
           "sparsity": sp["overall"], "num_candidates": num_candidates, "chosen": selection,
           "heldout": heldout.evaluate(params), "per_component_sparsity": sp["per_component"],
           "params_fingerprint": io_utils.params_fingerprint(params),
           "seconds": time.perf_counter() - t_start}
 
 
-def _prune_and_train(ctx: Context, params, spec: str, r: int, rdir: str):
+def _prune_and_train(ctx: Context, params, spec: str, r: int, rdir: str,
+                     step: Mapping[Component, float] | None = None,
+                     op: increments.Operator = increments.Operator(), stats=None):
   """The round's model, saved to rdir/model (or restored from there if an earlier
-  attempt saved it): `spec` applied to the current params (magnitude on the current
-  weights), then ctx.tc.steps of training. None if training was interrupted."""
+  attempt saved it): `spec` (all levels) applied to the current params (magnitude on the
+  current weights; a calibrated `op` applies only the round's `step` (component -> new rate), with
+  calibration on the current model, `increments.apply`), then ctx.tc.steps of training
+  (masks: the zeros). None if training was interrupted."""
   model_dir = os.path.join(rdir, "model")
   if checkpoint.is_model_dir(model_dir):
     return _restore(ctx, rdir)
+  if op.calibrated:
+    params = increments.apply(ctx.cfg, params, step, op, ctx.windows, stats)
   if int(ctx.tc.steps) > 0:
     tc = ml_collections.ConfigDict(ctx.tc.to_dict())
     tc.seed = int(ctx.tc.seed) + r  # a different window order every round
@@ -427,6 +425,8 @@ def _prune_and_train(ctx: Context, params, spec: str, r: int, rdir: str):
     if result.interrupted:
       return None
     new_params = result.params
+  elif op.calibrated:
+    new_params = params
   else:
     new_params, _ = compress.apply_spec(params, spec)
   if os.path.isdir(model_dir):  # an interrupted save (no marker): write it again
