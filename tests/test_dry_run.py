@@ -77,6 +77,21 @@ def test_train_and_prune_dry_run(tmp_path, tiny_dir):
   assert "probe chunk magnitude" in names  # prune: the selection probes
 
 
+def test_prune_dry_run_with_a_calibrated_operator(tmp_path, tiny_dir):
+  """prune.method=sparsegpt: the probes' sparsegpt chunks per kind, and every round a
+  statistics pass and a sequential apply (2 calibration passes of 3 layers) plus one solve
+  per candidate and per applied increment."""
+  proc = run_main(tmp_path, "configs/prune.py:runlocal", "--dry_run=v5e-4",
+                  f"--config.model={tiny_dir}", "--config.train.batch_size=4",
+                  "--config.prune.method=sparsegpt")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  got = {f["name"]: f for f in _payload(tmp_path)["functions"]}
+  assert "probe chunk sparsegpt down" in got, list(got)
+  assert got["calibration layer pass"]["calls"] == 3 * 2 * 2  # layers x passes x rounds
+  solve = next(f for name, f in got.items() if name.startswith("sparsegpt solve"))
+  assert solve["calls"] == 21 * 2 + 2 * 2  # 21 components x rounds + k x rounds
+
+
 @pytest.mark.parametrize("config, extra, expect", [
     ("configs/quantize.py:runlocal",
      ["--config.search.layers=*", "--config.search.method=gptq", "--config.search.levels=(4,)",

@@ -96,9 +96,16 @@ def job_plan(config, target: Target, cfg=None) -> list[aot_compile.Fn]:
   tp = pmesh.shape[probe.MODEL_AXIS] > 1
   pparams = _params(cfg, pmesh, tp, target.local) if tp or tmesh.shape["fsdp"] == 1 else fsdp
   fns = plans.reference_fns(cfg, loaded, tmesh, config.select.prompts)
-  fns += plans.probe_fns(config, cfg, pparams, pmesh, target.hbm_bytes, family_method="magnitude",
-                         levels=(float(p.ladder[0]),), kinds=kinds, layers=layers or "*",
-                         rounds=rounds, per_device=1, prompts=config.select.prompts)
+  probe_part = plans.probe_fns(config, cfg, pparams, pmesh, target.hbm_bytes,
+                               family_method=str(p.method), levels=(float(p.ladder[0]),),
+                               kinds=kinds, layers=layers or "*", rounds=rounds, per_device=1,
+                               prompts=config.select.prompts)
+  for f in probe_part:  # a calibrated operator (`search.increments`), every round: the
+    if f.name == "calibration layer pass":  # statistics pass and the sequential apply
+      f.calls *= 2 * rounds
+    elif " solve " in f.name:  # one solve per candidate probe, one per applied increment
+      f.calls = f.calls * rounds + rounds * int(p.k)
+  fns += probe_part
   if int(config.train.steps) > 0:
     spec = f"{kinds}@{layers or '*'}:magnitude({float(p.ladder[0]):g})"
     fns += plans.train_fns(config, cfg, target, spec=spec, rounds=rounds)
