@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from dtm.memory import peak_rss_bytes, reset_peak_rss, rss_bytes  # /proc VmRSS, VmHWM
+
 MB = 2**20
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,33 +39,6 @@ SHARD_BYTES = 256 * MB
 
 
 # ----------------------------------------------------------------------------- memory
-
-
-def _status_kb(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  raise KeyError(field)
-
-
-def rss_bytes() -> int:
-  return _status_kb("VmRSS") * 1024
-
-
-def peak_rss_bytes() -> int:
-  """VmHWM: the largest RSS since process start or the last `reset_peak_rss`."""
-  return _status_kb("VmHWM") * 1024
-
-
-def reset_peak_rss() -> bool:
-  """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
 
 
 def disk_bytes(path: str) -> int:

@@ -22,10 +22,11 @@ import json
 import os
 import time
 
+import jax
 import ml_collections
 import numpy as np
 
-from dtm import compress, evaluation, io_utils
+from dtm import compress, evaluation, io_utils, memory
 from dtm.errors import DtmError
 from dtm.jobs import common
 from dtm.jobs import prune as prune_job
@@ -139,21 +140,27 @@ def run(config, workdir: str) -> dict | None:
   sparsities = _check(config)
   records = []
   fdt_dir = os.path.join(workdir, "fdt")
+  memory.map_large_buffers()  # freed models and train states go back to the OS
+  peaks = memory.PhasePeaks(release=True)
   if config.compare.fdt_guided:
-    if prune_job.run(_prune_config(config, sparsities[-1]), fdt_dir) is None:
-      return None  # SIGTERM during its training: saved; rerun to resume
+    with peaks.phase("fdt"):
+      if prune_job.run(_prune_config(config, sparsities[-1]), fdt_dir) is None:
+        return None  # SIGTERM during its training: saved; rerun to resume
     records = prune_rounds.RoundLog(os.path.join(fdt_dir, "rounds.jsonl")).records
-  model = common.load(config)
-  ev = common.build_eval_data(config.eval, model.tokenizer)
-  y = common.references(config.eval, model, ev.prompts, os.path.join(fdt_dir, "heldout"))
-  alphas = tuple(sorted({float(a) for a in config.eval.alphas} | {float(config.prune.alpha)}))
-  held = evaluation.HeldOut(
-      model.cfg, model.params, ev.prompts, y, batch_size=config.eval.prompts.batch_size,
-      alphas=alphas, kl=bool(config.eval.kl),
-      ppl_tokens_WT=None if ev.ppl is None else ev.ppl.tokens,
-      ppl_ctx_W=None if ev.ppl is None else ev.ppl.ctx_len,
-      ppl_batch_size=config.eval.ppl.batch_size)
-  ctx = _Context(config, workdir, model, held, alphas)
+  with peaks.phase("load"):
+    model = common.load(config)
+  with peaks.phase("references"):
+    ev = common.build_eval_data(config.eval, model.tokenizer)
+    y = common.references(config.eval, model, ev.prompts, os.path.join(fdt_dir, "heldout"))
+    alphas = tuple(sorted({float(a) for a in config.eval.alphas} | {float(config.prune.alpha)}))
+    held = evaluation.HeldOut(
+        model.cfg, model.params, ev.prompts, y, batch_size=config.eval.prompts.batch_size,
+        alphas=alphas, kl=bool(config.eval.kl),
+        ppl_tokens_WT=None if ev.ppl is None else ev.ppl.tokens,
+        ppl_ctx_W=None if ev.ppl is None else ev.ppl.ctx_len,
+        ppl_batch_size=config.eval.ppl.batch_size)
+  with peaks.phase("setup"):
+    ctx = _Context(config, workdir, model, held, alphas, peaks)
   identity = {"model_source": model.source, "params": io_utils.params_fingerprint(model.params),
               "heldout": io_utils.array_fingerprint(ev.prompts, y), "alphas": list(alphas),
               "components": config.prune.components,
@@ -178,16 +185,17 @@ def run(config, workdir: str) -> dict | None:
       if got is None:
         return None  # interrupted training: saved; rerun to resume
       rows += got
-  return _finish(config, workdir, rows, alphas, ev.settings, ctx.windows, time.time() - t0)
+  return _finish(config, workdir, rows, alphas, ev.settings, ctx.windows, time.time() - t0,
+                 peaks)
 
 
 class _Context:
   """What every one-shot row shares: the model, the held-out evaluator, the calibration
   windows, the training data and mesh (when rows are trained), the record store."""
 
-  def __init__(self, config, workdir, model, held, alphas):
-    self.config, self.workdir, self.model, self.held, self.alphas = (
-        config, workdir, model, held, alphas)
+  def __init__(self, config, workdir, model, held, alphas, peaks: memory.PhasePeaks):
+    self.config, self.workdir, self.model, self.held, self.alphas, self.peaks = (
+        config, workdir, model, held, alphas, peaks)
     self.tokens = self.mesh = None
     if config.compare.train and config.compare.fdt_guided and int(config.train.steps) > 0:
       self.tokens = training_tokens(config, model.tokenizer)
@@ -216,13 +224,17 @@ class _Context:
       if key not in self.store.records:
         t1 = time.time()
         if params_c is None:
-          params_c, _, _ = common.compress_model(self.config, self.model, spec, self.windows)
+          with self.peaks.phase("compress"):
+            params_c, _, _ = common.compress_model(self.config, self.model, spec, self.windows)
         params = params_c
         if variant == "trained":
-          params = self._train(label, spec, s, params_c, steps)
+          with self.peaks.phase("train"):
+            params = self._train(label, spec, s, params_c, steps)
           if params is None:
             return None
-        agg = self.held.evaluate(params)
+          params_c = None  # the last variant: the one-shot model is not needed again
+        with self.peaks.phase("evaluate"):
+          agg = self.held.evaluate(params)
         self.store.add([{"probe": key, "aggregate": agg, "seconds": round(time.time() - t1, 3),
                          "sparsity": prune_rounds.linear_sparsity(params)["overall"]}])
         a = self.alphas[-1]
@@ -241,10 +253,26 @@ class _Context:
                         workdir=os.path.join(self.workdir, "train", f"{label}-{s:g}"),
                         teacher_params=self.model.params,
                         identity={"spec": spec, "budget": steps})
-    return None if res.interrupted else res.params
+    return None if res.interrupted else _one_replica(res.params)
 
 
-def _finish(config, workdir, rows, alphas, eval_settings, windows, seconds) -> dict:
+def _one_replica(params):
+  """Trained params replicated over a data-parallel mesh -> the replica on the first local
+  device (no copy; the others are freed with the tree): on a CPU host every JAX device
+  holds its replica in the same RAM, and the held-out evaluation needs one (its metrics
+  are equal, measured on SmolLM2). Sharded (FSDP) leaves stay as they are."""
+  device = jax.local_devices()[0]
+
+  def one(x):
+    if len(x.sharding.device_set) == 1 or not x.sharding.is_fully_replicated:
+      return x
+    return next(shard.data for shard in x.addressable_shards if shard.device == device)
+
+  return jax.tree.map(one, params)
+
+
+def _finish(config, workdir, rows, alphas, eval_settings, windows, seconds,
+            peaks: memory.PhasePeaks) -> dict:
   cols = [f"fdt_alpha_{a:g}" for a in alphas] + ["fdt_mean", "sdt_mean", "dppl", "kl_mean",
                                                   "ppl", "seconds"]
   head = ["target", "method", "variant", "sparsity", "steps"] + [
@@ -258,13 +286,17 @@ def _finish(config, workdir, rows, alphas, eval_settings, windows, seconds) -> d
   table = "\n".join("  ".join(v.ljust(w[i]) if i in (1, 2) else v.rjust(w[i])
                               for i, v in enumerate(l)) for l in lines)
   io_utils.atomic_write_text(os.path.join(workdir, "summary.txt"), table + "\n")
-  _plot(os.path.join(workdir, "comparison.png"), rows, alphas, config)
+  with peaks.phase("finish"):
+    _plot(os.path.join(workdir, "comparison.png"), rows, alphas, config)
   results = {"job": "prune_compare", "model": config.model, "rows": rows,
              "heldout_settings": eval_settings,
              "calibration": None if windows is None else windows[1],
-             "config": common.config_json(config), "seconds": round(seconds, 1)}
+             "config": common.config_json(config), "seconds": round(seconds, 1),
+             "phase_peak_rss_bytes": peaks.bytes, "phase_peak_rss_exact": peaks.exact}
   io_utils.atomic_write_json(os.path.join(workdir, "results.json"), results)
   print(table)
+  print(f"peak RSS per phase{'' if peaks.exact else ' (process peak up to its end)'}: "
+        f"{peaks.summary()}")
   print(f"results: {workdir}/results.json, summary.txt, comparison.png")
   return results
 

@@ -433,6 +433,7 @@ def _prune_and_train(ctx: Context, params, spec: str, r: int, rdir: str,
     shutil.rmtree(model_dir)
   checkpoint.save_model(model_dir, ctx.cfg, new_params, ctx.tokenizer,
                         source=f"dtm prune round {r} ({spec})")
+  new_params = result = None  # the restored copy replaces them: one model less at its peak
   return _restore(ctx, rdir)  # one code path for fresh and resumed runs
 
 
