@@ -33,6 +33,7 @@ import tempfile
 import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)  # configs/ and bench/ (the children import them)
 MB = 2**20
 
 SMALL = (
@@ -152,7 +153,6 @@ def main(argv: list[str]) -> int:
   ap = argparse.ArgumentParser()
   ap.add_argument("--workdir", default=None, help="kept afterwards (default: a temp dir)")
   args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-  sys.path.insert(0, _ROOT)
   from bench.common import cpu_model, table
   load0 = os.getloadavg()
   base = _child("baseline")

@@ -368,8 +368,8 @@ def calibrate_and_compress(cfg: ModelConfig, params, spec: str | Spec, windows, 
     run_layers(cfg, params, windows, visit, batch_size=batch_size, hessian=hessian,
                stats_layers=set(by_layer), mesh=mesh, axis=axis, output=False, progress=progress)
   new_params = params
-  for kind, items in new_kernels.items():
-    new_params = set_kernel_layers(new_params, kind, items)
+  for kind in list(new_kernels):  # each kind's layer kernels are freed once stacked
+    new_params = set_kernel_layers(new_params, kind, new_kernels.pop(kind))
   if activation:  # w8a8 / llm_int8: the mode leaves and report entries apply_spec gives
     new_params, act_report = apply_spec(new_params, Spec(tuple(
         Rule((c.kind,), (c.layer,), m) for c, m in activation.items())))
