@@ -36,6 +36,14 @@ def matmul_peak(n: int = 2048, dtype=jnp.float32, reps: int = 5) -> float:
   return 2 * n**3 / best / 1e9
 
 
+def torch_matmul_peak(n: int = 2048, reps: int = 5) -> float:
+  """GFLOP/s of a torch n x n x n float32 matmul (torch's current threads), best of reps."""
+  import torch
+  a = torch.randn(n, n)
+  a @ a
+  return 2 * n**3 / min(timed(lambda: a @ a) for _ in range(reps)) / 1e9
+
+
 def timed(fn) -> float:
   t = time.perf_counter()
   fn()

@@ -103,14 +103,6 @@ def load_torch_model(params_c, spec):
   return hf
 
 
-def torch_matmul_peak(n: int = 2048, reps: int = 5) -> float:
-  """GFLOP/s of a torch n x n x n float32 matmul (same threads as the torch pass), best of reps."""
-  import torch
-  a = torch.randn(n, n)
-  a @ a
-  return 2 * n**3 / min(common.timed(lambda: a @ a) for _ in range(reps)) / 1e9
-
-
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--spec", default="*@*:absmax(bits=8,granularity=channel)",
@@ -178,7 +170,7 @@ def main():
       rows.append(("torch teacher-forced (logits_to_keep=N)", f"{t_torch:.3f}",
                    f"{tf_tokens / t_torch:,.0f}", f"{flops / t_torch / 1e9:.1f}", ""))
       rows.append(("  ratio torch time / dtm time", f"{t_torch / t_tf:.2f}", "", "", ""))
-      torch_peak = torch_matmul_peak()
+      torch_peak = common.torch_matmul_peak()
       dppl = lambda nll: float(np.exp(np.mean(np.asarray(nll, np.float64))))  # noqa: E731
       agree = (np.mean(stats["fdt"] == ref["fdt"]), dppl(stats["nll"]), dppl(ref["nll"]))
 

@@ -54,7 +54,17 @@ def peak_rss_mb() -> float:
 
 
 
-def dtm_steps(cfg, params, spec, batches, steps, vocab_chunk):
+def train_batches(tokenizer, num: int) -> list[np.ndarray]:
+  """`num` training batches int32 [BATCH, SEQ + 1] of WikiText-2 valid tokens (steps 0..)."""
+  texts = data.load_texts("text", data_files=str(VALID))
+  stream = data.tokenize_corpus(tokenizer, texts, add_bos=False)
+  return [data.train_batch(stream, batch=BATCH, seq_len=SEQ, seed=0, step=i) for i in range(num)]
+
+
+def dtm_setup(cfg, params, spec, vocab_chunk) -> dict:
+  """The masked model's train state and its jitted step on one device: a dict with
+  mesh, plan, obj, tx, oc, state (pruned params, AdamW state, masks), shard (the state's
+  shardings), step (`step_lib.compile_step`, state donated), bs (the batch sharding)."""
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
   plan = masks_lib.make_plan(spec, params)
   pruned, masks = jax.jit(lambda p: masks_lib.prune(plan, p))(params)
@@ -64,10 +74,16 @@ def dtm_steps(cfg, params, spec, batches, steps, vocab_chunk):
   shard = step_lib.state_shardings(mesh, abstract)
   state = jax.jit(lambda p, m: step_lib.init_state(p, m, tx, 0), out_shardings=shard)(pruned, masks)
   del pruned
-  fn = step_lib.compile_step(cfg, Objective(alpha=0.0, vocab_chunk=vocab_chunk), plan, tx, mesh,
-                             shard, None, microbatches=1, masked=True,
+  obj = Objective(alpha=0.0, vocab_chunk=vocab_chunk)
+  fn = step_lib.compile_step(cfg, obj, plan, tx, mesh, shard, None, microbatches=1, masked=True,
                              schedule=step_lib.lr_schedule(oc), clip_norm=oc.clip_norm)
-  bs = sharding.batch_sharding(mesh)
+  return dict(mesh=mesh, plan=plan, obj=obj, tx=tx, oc=oc, state=state, shard=shard, step=fn,
+              bs=sharding.batch_sharding(mesh))
+
+
+def dtm_steps(cfg, params, spec, batches, steps, vocab_chunk):
+  d = dtm_setup(cfg, params, spec, vocab_chunk)
+  fn, bs, state = d["step"], d["bs"], d.pop("state")
   t0 = time.perf_counter()
   state, m = fn(state, sharding.put_batch(batches[0], bs), None)
   jax.block_until_ready(m)
@@ -80,10 +96,12 @@ def dtm_steps(cfg, params, spec, batches, steps, vocab_chunk):
     times.append(time.perf_counter() - t)
   zeros_ok = all(bool(np.all(np.asarray(get_path(state["params"], kernel_path(k)))[~np.asarray(v)] == 0))
                  for k, v in ((key.split("/")[2], masks_) for key, masks_ in state["masks"].items()))
-  return statistics.median(times[1:]), compile_s, losses, zeros_ok, masks
+  return statistics.median(times[1:]), compile_s, losses, zeros_ok, state["masks"]
 
 
-def torch_steps(cfg, params, masks, spec_params, batches, steps):
+def torch_setup(cfg, masks, spec_params):
+  """transformers' LlamaForCausalLM (sdpa, float32, train mode) of the pruned params, at
+  one thread per core -> (model, [(weight, keep mask [out, in])], AdamW foreach)."""
   import torch
   from transformers import LlamaForCausalLM
   torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -101,21 +119,38 @@ def torch_steps(cfg, params, masks, spec_params, batches, steps):
       torch_masks.append((mod.weight, torch.from_numpy(np.ascontiguousarray(keep[layer].T))))
   opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8,
                           weight_decay=0.0, foreach=True)
+  return model, torch_masks, opt
+
+
+def torch_loss(model, batch):
+  """The next-token CE of one batch [B, T + 1] (autograd graph kept)."""
+  import torch
+  ids = torch.from_numpy(batch.astype(np.int64))
+  return model(input_ids=ids[:, :-1], labels=ids[:, 1:].contiguous(),
+               shift_labels=ids[:, 1:].contiguous()).loss
+
+
+def torch_update(model, torch_masks, opt) -> None:
+  """Masked gradients, clip by global norm 1.0, AdamW, gradients dropped, params re-masked."""
+  import torch
+  for w, keep in torch_masks:
+    w.grad.mul_(keep)
+  torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+  opt.step()
+  opt.zero_grad(set_to_none=True)
+  with torch.no_grad():
+    for w, keep in torch_masks:
+      w.mul_(keep)
+
+
+def torch_steps(cfg, params, masks, spec_params, batches, steps):
+  model, torch_masks, opt = torch_setup(cfg, masks, spec_params)
 
   def one(batch):
-    ids = torch.from_numpy(batch.astype(np.int64))
-    out = model(input_ids=ids[:, :-1], labels=ids[:, 1:].contiguous(),
-                shift_labels=ids[:, 1:].contiguous())
-    out.loss.backward()
-    for w, keep in torch_masks:
-      w.grad.mul_(keep)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    with torch.no_grad():
-      for w, keep in torch_masks:
-        w.mul_(keep)
-    return float(out.loss)
+    loss = torch_loss(model, batch)
+    loss.backward()
+    torch_update(model, torch_masks, opt)
+    return float(loss.detach())
 
   times, losses = [], []
   for i in range(steps + 2):
@@ -136,10 +171,7 @@ def main():
         f"devices {jax.devices()}")
   model = load_model("smollm2-135m")
   cfg, params = model.cfg, model.params
-  texts = data.load_texts("text", data_files=str(VALID))
-  stream = data.tokenize_corpus(model.tokenizer, texts, add_bos=False)
-  batches = [data.train_batch(stream, batch=BATCH, seq_len=SEQ, seed=0, step=i)
-             for i in range(args.steps + 3)]
+  batches = train_batches(model.tokenizer, args.steps + 3)
   tokens = BATCH * SEQ
   flops = step_lib.train_flops_per_token(cfg, SEQ, teacher=False) * tokens
   peak = common.matmul_peak()

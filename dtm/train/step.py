@@ -126,7 +126,16 @@ def train_step(state, batch_BT1, teacher_params, *, cfg: ModelConfig, obj: Objec
                microbatches: int, masked: bool, schedule, clip_norm: float, rows=None):
   """One update (module docstring) -> (new state, metrics dict of f32 scalars). `rows`:
   the batch's row sharding, kept on every microbatch (`batch_loss`)."""
-  params = state["params"]
+  grads, sums = gradients(state["params"], batch_BT1, teacher_params, cfg=cfg, obj=obj,
+                          plan=plan, microbatches=microbatches, rows=rows)
+  return apply_gradients(state, grads, sums, tx=tx, masked=masked, schedule=schedule,
+                         clip_norm=clip_norm)
+
+
+def gradients(params, batch_BT1, teacher_params, *, cfg: ModelConfig, obj: Objective,
+              plan: masks_lib.CompressionPlan, microbatches: int, rows=None):
+  """Steps 1-2 of the module docstring: (gradient of the token-weighted mean loss, a
+  params-shaped tree; `LossSums` of the whole batch), accumulated over `microbatches`."""
   b = batch_BT1.shape[0]
   # Every target position is scored, so the token count is known before the forward: the
   # 1/tokens of the token-weighted mean is folded into the differentiated loss.
@@ -135,17 +144,24 @@ def train_step(state, batch_BT1, teacher_params, *, cfg: ModelConfig, obj: Objec
       lambda p, mb: _loss_and_sums(cfg, obj, plan, p, teacher_params, mb, inv_tokens, rows),
       has_aux=True)
   if microbatches == 1:
-    grads, sums = grad_fn(params, batch_BT1)
-  else:
-    mbs = batch_BT1.reshape(b // microbatches, microbatches, -1).swapaxes(0, 1)
+    return grad_fn(params, batch_BT1)
+  mbs = batch_BT1.reshape(b // microbatches, microbatches, -1).swapaxes(0, 1)
 
-    def accumulate(carry, mb):
-      g, s = grad_fn(params, mb)
-      return jax.tree.map(jnp.add, carry, (g, s)), None
+  def accumulate(carry, mb):
+    g, s = grad_fn(params, mb)
+    return jax.tree.map(jnp.add, carry, (g, s)), None
 
-    zero = (jax.tree.map(jnp.zeros_like, params),
-            LossSums(*(jnp.zeros((), jnp.float32) for _ in LossSums._fields)))
-    (grads, sums), _ = jax.lax.scan(accumulate, zero, mbs)
+  zero = (jax.tree.map(jnp.zeros_like, params),
+          LossSums(*(jnp.zeros((), jnp.float32) for _ in LossSums._fields)))
+  (grads, sums), _ = jax.lax.scan(accumulate, zero, mbs)
+  return grads, sums
+
+
+def apply_gradients(state, grads, sums: LossSums, *, tx: optax.GradientTransformation,
+                    masked: bool, schedule, clip_norm: float):
+  """Steps 3-5 of the module docstring on the gradient of `gradients` -> (new state,
+  metrics dict of f32 scalars)."""
+  params = state["params"]
   grad_norm = optax.tree.norm(grads)
   if clip_norm > 0:  # clip by global norm, reusing the norm just computed
     scale = jnp.minimum(1.0, clip_norm / jnp.maximum(grad_norm, 1e-30))
