@@ -8,6 +8,10 @@ User errors (`DtmError`) print one line and exit with status 2.
 """
 import sys
 
+if __name__ == "__main__":
+  from dtm.memory import exec_with_huge_pages
+  exec_with_huge_pages()  # restarts once with malloc using huge pages (dtm/memory.py)
+
 from absl import flags
 from ml_collections import config_flags
 

@@ -8,6 +8,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from dtm import memory as _memory  # noqa: E402
+
+# as main.py does: malloc asks for transparent huge pages (a restart of this process
+# before JAX and torch start); every contender in a bench runs under the same setting,
+# printed with the CPU model; DTM_HUGE_PAGES=0 measures without.
+_memory.exec_with_huge_pages()
+
 import jax  # noqa: E402
 
 from dtm import cli as _cli  # noqa: E402
@@ -58,12 +65,15 @@ def table(rows: list[tuple], header: tuple) -> str:
 
 
 def cpu_model() -> str:
-  """The CPU's model name from /proc/cpuinfo (ratios to PyTorch differ between vendors)."""
+  """The CPU's model name from /proc/cpuinfo (ratios to PyTorch differ between vendors),
+  with whether malloc asks for huge pages (`dtm.memory.huge_pages_status`)."""
+  name = "unknown"
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
         if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+          name = line.split(":", 1)[1].strip()
+          break
   except OSError:
     pass
-  return "unknown"
+  return f"{name} [{_memory.huge_pages_status()}]"

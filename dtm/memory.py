@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import gc
 import logging
+import os
 import sys
 
 log = logging.getLogger("dtm")
@@ -123,3 +124,72 @@ class PhasePeaks:
   def summary(self) -> str:
     """One line: 'name 1234 MB, ...' (MB = 2**20 bytes)."""
     return ", ".join(f"{k} {v / 2**20:.0f} MB" for k, v in self.bytes.items())
+
+
+_HUGETLB = "glibc.malloc.hugetlb=1"
+
+
+def transparent_huge_pages() -> str | None:
+  """The kernel's transparent huge page mode ('always', 'madvise', 'never'), or None
+  off Linux."""
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      text = f.read()
+  except OSError:
+    return None
+  start, end = text.find("["), text.find("]")
+  return text[start + 1:end] if 0 <= start < end else None
+
+
+def _glibc_version() -> tuple[int, int] | None:
+  try:
+    name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+    major, minor = version.split(".")[:2]
+    return (int(major), int(minor)) if name == "glibc" else None
+  except (ValueError, OSError, AttributeError, TypeError):
+    return None
+
+
+def huge_pages_wanted(environ=None) -> bool:
+  """Whether `exec_with_huge_pages` would restart this process: Linux with transparent
+  huge pages in 'madvise' mode, glibc >= 2.35 (its `glibc.malloc.hugetlb` tunable),
+  GLIBC_TUNABLES not already naming it, and DTM_HUGE_PAGES not '0'."""
+  environ = os.environ if environ is None else environ
+  if environ.get("DTM_HUGE_PAGES", "1") == "0" or "glibc.malloc.hugetlb" in environ.get(
+      "GLIBC_TUNABLES", ""):
+    return False
+  version = _glibc_version()
+  return transparent_huge_pages() == "madvise" and version is not None and version >= (2, 35)
+
+
+def huge_pages_environ(environ=None) -> dict[str, str]:
+  """A copy of the environment with `glibc.malloc.hugetlb=1` added to GLIBC_TUNABLES."""
+  env = dict(os.environ if environ is None else environ)
+  env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES"), _HUGETLB) if t)
+  return env
+
+
+def exec_with_huge_pages() -> None:
+  """Restart this process (same interpreter, same arguments) with glibc's malloc asking
+  for transparent huge pages (madvise) on the memory it maps, where `huge_pages_wanted`.
+
+  Why: XLA:CPU allocates each step's large buffers (the layer scan's stacked residuals
+  and gradients, 6.4 GB per SmolLM2 train step of 8 x 256 tokens) with fresh mmaps, and
+  the kernel hands them out 4 KiB at a time: 1.6 M page faults per step, 2-3 s of a 15 s
+  step on a 2-core AMD EPYC (bench/phases.py). With 2 MiB pages the faults drop to
+  thousands and the step takes 13 s. glibc reads the tunable only at process start, hence
+  the restart; it must run before anything else has started (threads, JAX). A no-op
+  elsewhere (returns); DTM_HUGE_PAGES=0 turns it off."""
+  if not huge_pages_wanted():
+    return
+  argv = getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, argv, huge_pages_environ())
+
+
+def huge_pages_status() -> str:
+  """One line for benchmark headers: whether this process's malloc asks for huge pages."""
+  on = "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
+  return (f"malloc huge pages {'on' if on else 'off'} (transparent huge pages: "
+          f"{transparent_huge_pages()}, DTM_HUGE_PAGES={os.environ.get('DTM_HUGE_PAGES', '1')})")

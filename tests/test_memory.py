@@ -85,3 +85,30 @@ def test_prune_compare_records_peak_rss_per_phase(tiny_dir, tmp_path, monkeypatc
   assert list(peaks) == ["load", "references", "setup", "compress", "evaluate", "finish"]
   assert res["phase_peak_rss_exact"] is True
   assert all(isinstance(v, int) and 50 * MB < v < 64 * 2**30 for v in peaks.values()), peaks
+
+
+def test_huge_pages_environ_appends_the_tunable():
+  env = memory.huge_pages_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "A": "b"})
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  assert env["A"] == "b"
+  assert memory.huge_pages_environ({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  # once set (or switched off) the restart is not wanted again: no exec loop
+  assert not memory.huge_pages_wanted(env)
+  assert not memory.huge_pages_wanted({"DTM_HUGE_PAGES": "0"})
+
+
+def test_huge_pages_restart_reaches_the_child(tmp_path):
+  """A script calling exec_with_huge_pages runs again with the tunable where the host
+  wants it, once, with its arguments intact; elsewhere it runs on unchanged."""
+  import subprocess
+  script = tmp_path / "s.py"
+  script.write_text("import os, sys\nfrom dtm import memory\nprint('start', flush=True)\n"
+                    "memory.exec_with_huge_pages()\n"
+                    "print(os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:])\n")
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "DTM_HUGE_PAGES")}
+  out = subprocess.run([sys.executable, str(script), "x", "--y=1"], env=env, check=True,
+                       capture_output=True, text=True, cwd=os.getcwd()).stdout.splitlines()
+  wanted = memory.huge_pages_wanted(env)
+  assert out[-1].endswith("['x', '--y=1']")
+  assert ("glibc.malloc.hugetlb=1" in out[-1]) == wanted
+  assert out.count("start") == (2 if wanted else 1)
