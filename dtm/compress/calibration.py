@@ -134,11 +134,14 @@ def read_calibration_jsonl(path: str | os.PathLike, *, samples: int, length: int
 # ------------------------------------------------------------------------------- capture
 
 
-def layer_inputs(cfg: ModelConfig, layer_params, h_BTD: jax.Array, positions_T: jax.Array):
+def layer_inputs(cfg: ModelConfig, layer_params, h_BTD: jax.Array, positions_T: jax.Array,
+                 output: bool = True):
   """One decoder layer (params without the L axis) -> (h' [B, T, D], {site: x [B, T, in]}).
 
   The layer is the model's own `DecoderLayer`; the site inputs are the first arguments
-  of its Attention, o, MLP and down calls, recorded by a method interceptor.
+  of its Attention, o, MLP and down calls, recorded by a method interceptor. With
+  output=False the down projection is not computed (its input is all the statistics
+  need; a quarter of a Llama layer's matmul FLOPs) and h' is None.
   """
   captured: dict[str, jax.Array] = {}
 
@@ -151,12 +154,14 @@ def layer_inputs(cfg: ModelConfig, layer_params, h_BTD: jax.Array, positions_T: 
         captured["mlp_in"] = args[0]
       elif isinstance(module, Linear) and module.name in ("o", "down"):
         captured[f"{module.name}_in"] = args[0]
+        if module.name == "down" and not output:
+          return jnp.zeros(args[0].shape[:-1] + (cfg.hidden_size,), args[0].dtype)
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
     out, _ = DecoderLayer(cfg).apply({"params": layer_params}, h_BTD, None, (positions_T, None))
   assert set(captured) == set(SITES), sorted(captured)
-  return out, captured
+  return (out if output else None), captured
 
 
 def _site_stats(x_BTI: jax.Array, hessian: bool) -> dict[str, jax.Array]:
@@ -168,10 +173,13 @@ def _site_stats(x_BTI: jax.Array, hessian: bool) -> dict[str, jax.Array]:
   return stats
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "stats", "hessian", "sharding"))
+@functools.partial(jax.jit, static_argnames=("cfg", "batch_size", "stats", "hessian", "sharding",
+                                             "output"))
 def _layer_pass(cfg: ModelConfig, layer_params, h_NTD: jax.Array, *, batch_size: int,
-                stats: bool, hessian: bool, sharding: NamedSharding | None):
-  """h [n, T, D] -> (layer output [n, T, D], {site: summed stats} or {}).
+                stats: bool, hessian: bool, sharding: NamedSharding | None,
+                output: bool = True):
+  """h [n, T, D] -> (layer output [n, T, D], or None with output=False (statistics
+  only: no down projection), {site: summed stats} or {}).
 
   Batch i holds windows {b * (n / B) + i : b < B}: with the window axis sharded in
   contiguous blocks, every batch is then spread evenly over the devices (no resharding).
@@ -192,12 +200,14 @@ def _layer_pass(cfg: ModelConfig, layer_params, h_NTD: jax.Array, *, batch_size:
         init[site]["hessian"] = jnp.zeros((dim, dim), jnp.float32)
 
   def step(acc, h_BTD):
-    out, xs = layer_inputs(cfg, layer_params, h_BTD, positions)
+    out, xs = layer_inputs(cfg, layer_params, h_BTD, positions, output=output)
     if stats:
       acc = jax.tree.map(jnp.add, acc, {s: _site_stats(xs[s], hessian) for s in SITES})
     return acc, out
 
   acc, out_iBTD = jax.lax.scan(step, init, h_iBTD)
+  if not output:
+    return None, acc
   out = out_iBTD.swapaxes(0, 1).reshape(n, t, d)
   if sharding is not None:
     out = jax.lax.with_sharding_constraint(out, sharding)
@@ -292,7 +302,8 @@ def collect_statistics(cfg: ModelConfig, params, windows, *, mode: str = "parall
 def run_layers(cfg: ModelConfig, params, windows, visit, *, batch_size: int = 8,
                hessian: bool = True, stats_layers: set[int] | None = None,
                mesh: Mesh | None = None, axis: str = "data",
-               output: bool = True, progress: bool = False) -> jax.Array | None:
+               output: bool = True, progress: bool = False,
+               replaces: bool = False) -> jax.Array | None:
   """The layer loop shared by every calibration procedure.
 
   For each layer l: if l is in stats_layers (None: all), one pass of the original layer
@@ -301,7 +312,9 @@ def run_layers(cfg: ModelConfig, params, windows, visit, *, batch_size: int = 8,
   recomputes the output with them. Layers without statistics make one pass and are
   not visited. Stops after the last layer that is visited. Returns that layer's output
   h [n, T, D] (sharded like the windows), or None with output=False, which also skips
-  the last layer's second pass. progress: a tqdm bar over the layers run.
+  the last layer's second pass. replaces=True says `visit` returns new params for every
+  layer, so the statistics pass skips the original layer's output (its down projection)
+  that would be discarded. progress: a tqdm bar over the layers run.
   """
   windows = _check_windows(cfg, windows, batch_size, mesh, axis)
   sharding = _sharding(mesh, axis)
@@ -318,9 +331,10 @@ def run_layers(cfg: ModelConfig, params, windows, visit, *, batch_size: int = 8,
     if stats_layers is not None and layer not in stats_layers:
       h, _ = run(lp, h, stats=False, hessian=False)
       continue
-    out, acc = run(lp, h, stats=True, hessian=hessian)
+    out, acc = run(lp, h, stats=True, hessian=hessian,
+                   output=not (replaces or (layer == last and not output)))
     new_lp = visit(layer, lp, _input_stats(acc, layer, n * t, n))
-    if new_lp is lp:
+    if new_lp is lp and out is not None:
       h = out
     elif output or layer < last:
       h = run(new_lp, h, stats=False, hessian=False)[0]
@@ -366,7 +380,8 @@ def calibrate_and_compress(cfg: ModelConfig, params, spec: str | Spec, windows, 
 
   if by_layer:
     run_layers(cfg, params, windows, visit, batch_size=batch_size, hessian=hessian,
-               stats_layers=set(by_layer), mesh=mesh, axis=axis, output=False, progress=progress)
+               stats_layers=set(by_layer), mesh=mesh, axis=axis, output=False, progress=progress,
+               replaces=True)  # _compress_layer returns a new dict for every layer
   new_params = params
   for kind in list(new_kernels):  # each kind's layer kernels are freed once stacked
     new_params = set_kernel_layers(new_params, kind, new_kernels.pop(kind))
