@@ -61,11 +61,7 @@ def _allocate_fields(config) -> None:
   a.select_by = "dppl"
   # Components allocated ('KINDS@LAYERS'); the others stay dense.
   a.components = "*@*"
-  common.calibration_fields(config)
-  config.calibration.source = "text"
-  config.calibration.data_files = f"{SHARED_DATA}/wikitext-2/wiki.valid.tokens"
-  config.calibration.samples = 64
-  config.calibration.length = 512
+  common.local_calibration_fields(config, samples=64)
 
 
 def _selection_fields(config) -> None:

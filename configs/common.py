@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import ml_collections
 
+# The shared data folder beside the checkout (CI has it too), relative to the repo root.
+SHARED_DATA = "../shared/data"
+WIKITEXT_VALID_TOKENS = f"{SHARED_DATA}/wikitext-2/wiki.valid.tokens"
+
 # Named models: what `model=<name>` in a config arg selects.
 MODELS = {
     "smollm2": "smollm2-135m",
@@ -129,3 +133,14 @@ def calibration_fields(config: ml_collections.ConfigDict) -> None:
   cal.mode = "sequential"
   # Windows per forward pass while collecting statistics (must divide samples).
   cal.batch_size = 8
+
+
+def local_calibration_fields(config: ml_collections.ConfigDict, samples: int,
+                             length: int = 512) -> None:
+  """`calibration_fields` on `samples` x `length` windows of the WikiText-2 valid tokens
+  beside the checkout (the jobs' local calibration data; the references use C4)."""
+  calibration_fields(config)
+  config.calibration.source = "text"
+  config.calibration.data_files = WIKITEXT_VALID_TOKENS
+  config.calibration.samples = samples
+  config.calibration.length = length

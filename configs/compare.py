@@ -13,7 +13,7 @@ import ml_collections
 
 from configs import common
 
-SHARED_DATA = "../shared/data"
+SHARED_DATA = common.SHARED_DATA
 
 # Whole-model compressions at several strengths (uncalibrated methods; calibrated ones
 # (wanda, sparsegpt, gptq) take the config.calibration block where the job supports it).

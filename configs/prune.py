@@ -89,11 +89,7 @@ def _operator_fields(config) -> None:
   p.start = ""
   # Calibration windows of the calibrated operators (unused by magnitude); the increments
   # are applied with calibration.mode (sequential, as the references) on the current model.
-  common.calibration_fields(config)
-  config.calibration.source = "text"
-  config.calibration.data_files = f"{SHARED_DATA}/wikitext-2/wiki.valid.tokens"
-  config.calibration.samples = 64
-  config.calibration.length = 512
+  common.local_calibration_fields(config, samples=64)
 
 
 def _selection_fields(config) -> None:

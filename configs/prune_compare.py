@@ -16,7 +16,6 @@ import ml_collections
 
 from configs import common
 from configs import prune as prune_config
-from configs.train import SHARED_DATA
 
 
 def get_config(arg=None):
@@ -47,11 +46,7 @@ def get_config(arg=None):
   # Also train each one-shot model for as many steps as the FDT-guided run trained
   # before reaching that sparsity (rounds x train.steps), with the same train block.
   cmp.train = True
-  common.calibration_fields(config)
-  config.calibration.source = "text"
-  config.calibration.data_files = f"{SHARED_DATA}/wikitext-2/wiki.valid.tokens"
-  config.calibration.samples = 32
-  config.calibration.length = 512
+  common.local_calibration_fields(config, samples=32)
   if study.study == "allocation":
     _allocation_study(config)
   if tiny:

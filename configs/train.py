@@ -14,7 +14,7 @@ import ml_collections
 
 from configs import common
 
-SHARED_DATA = "../shared/data"
+SHARED_DATA = common.SHARED_DATA
 
 
 def train_fields(config: ml_collections.ConfigDict) -> None:
@@ -125,11 +125,7 @@ def get_config(arg=None):
   train_fields(config)
   # Calibration windows for wanda / sparsegpt specs (the start model is compressed once
   # with them; gptq cannot be fake-quantized: train rtn, then apply gptq).
-  common.calibration_fields(config)
-  config.calibration.source = "text"
-  config.calibration.data_files = f"{SHARED_DATA}/wikitext-2/wiki.valid.tokens"
-  config.calibration.samples = 32
-  config.calibration.length = 512
+  common.local_calibration_fields(config, samples=32)
   _eval_fields(config)
   # Write the trained model as an HF directory too (<workdir>/hf).
   config.export_hf = False
