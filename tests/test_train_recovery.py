@@ -12,8 +12,14 @@ from dtm.train import trainer
 SPEC = "mlp@*:magnitude(0.5)"
 
 
-def test_short_distillation_recovers_fdt_and_dppl(smollm2, wikitext_path, tmp_path):
+def test_short_distillation_recovers_fdt_and_dppl(wikitext_path, tmp_path):
   from configs import train as train_config
+  from dtm.loading import load_model
+  # Its own copy of the model, not the session fixture: in one full-suite run (2026-12-07,
+  # -n 2 --dist loadfile) this test met the shared fixture with a model already broken
+  # (held-out DPPL 62,575 before training, mean FDT 0); alone it passes. The earlier test
+  # that changed the shared model is not found yet (see the issue notes).
+  smollm2 = load_model("smollm2-135m")
   config = train_config.get_config()
   t = config.train
   t.steps, t.batch_size, t.seq_len = 16, 4, 64
