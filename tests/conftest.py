@@ -49,8 +49,34 @@ def smollm2_gguf() -> str:
   return gguf_io.find_smollm2_gguf()
 
 
+_SMOLLM2_PRINT: list[str] = []  # the session model's params fingerprint when loaded
+
+
 @pytest.fixture(scope="session")
 def smollm2():
   """The embedded default model, loaded once per test session (float32)."""
+  from dtm import io_utils
   from dtm.loading import load_model
-  return load_model("smollm2-135m")
+  model = load_model("smollm2-135m")
+  _SMOLLM2_PRINT.append(io_utils.params_fingerprint(model.params))
+  return model
+
+
+@pytest.fixture(autouse=True)
+def _smollm2_unchanged(request):
+  """Many tests share the session's SmolLM2: one that changes (or frees) its params fails
+  here, by name, instead of a later test on a broken model (seen once in a full run:
+  DPPL 62,575 before any compression in test_train_recovery)."""
+  yield
+  if "smollm2" not in request.fixturenames or not _SMOLLM2_PRINT:
+    return
+  from dtm import io_utils
+  try:
+    now = io_utils.params_fingerprint(request.getfixturevalue("smollm2").params)
+  except RuntimeError as e:  # a deleted (donated) buffer
+    pytest.fail(f"{request.node.nodeid} freed the session's SmolLM2 params: {e}")
+  if now != _SMOLLM2_PRINT[0]:
+    _SMOLLM2_PRINT.insert(0, now)  # name the culprit once, not every test after it
+    pytest.fail(f"the session's SmolLM2 params changed by the end of {request.node.nodeid} "
+                f"(fingerprint {_SMOLLM2_PRINT[1]} -> {now}): this test, or one run since the "
+                "last test that used the model on this worker")

@@ -64,8 +64,10 @@ def cli_args(model_dir: str, **overrides) -> list[str]:
 
 
 def env() -> dict:
+  # DTM_ESTIMATE=0: no preflight compile before each of the killed runs (the plan it
+  # compiles is the dry run's, tests/test_dry_run.py)
   return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-          "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+          "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false", "DTM_ESTIMATE": "0"}
 
 
 def main_cmd(workdir, args, config="configs/allocate.py:runlocal") -> list[str]:

@@ -1,8 +1,8 @@
 """`main.py --dry_run=TARGET` (`dtm.aot`): compile a job for a TPU slice on this CPU host.
 
-  * a tiny model's probe, train and prune jobs compile for a v5e-4 slice (libtpu's
-    topology descriptors, no TPU attached) and write dry_run.json with bytes per device,
-    FLOPs and estimated time; the probe is also compiled on the 2-D ('probe', 'model') mesh;
+  * a tiny model's probe, train, prune, allocate and prune_compare jobs compile for a
+    v5e-4 slice (libtpu's topology descriptors, no TPU attached) and write dry_run.json
+    with bytes per device, FLOPs and estimated time; the probe is also compiled on the 2-D ('probe', 'model') mesh;
   * a job that cannot fit exits 2 naming the function, the bytes needed and the HBM;
   * bad targets and models get one line and exit 2;
   * config errors are refused before any model pass (no reference generation, no
@@ -115,6 +115,34 @@ def test_evaluation_jobs_dry_run(tmp_path, tiny_dir, config, extra, expect):
     assert got["calibration layer pass"]["calls"] == 5 * 3  # every layer, per configuration
   if config.startswith("configs/lm_eval"):
     assert got["lm-eval packed forward"]["calls"] == 2  # per spec, per batch (note)
+
+
+def test_allocation_jobs_dry_run(tmp_path, tiny_dir):
+  """allocate: the selection and held-out passes, the probe chunks per kind, and the
+  calibration counted per phase (statistics once, each target's sequential apply; solves:
+  probes x 7 kinds, candidates and applies x 21 components); prune_compare: each row's
+  compression and held-out pass, the FDT-guided rounds' plan under its own prefix."""
+  proc = run_main(tmp_path / "allocate", "configs/allocate.py:runlocal", "--dry_run=v5e-4",
+                  f"--config.model={tiny_dir}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  got = {f["name"]: f for f in _payload(tmp_path / "allocate")["functions"]}
+  for name in ("selection reference generation", "probe chunk sparsegpt q",
+               "selection teacher-forced DTM pass", "teacher-forced DTM pass", "perplexity windows"):
+    assert got[name]["fits"] and got[name]["argument_bytes"] > 0, (name, list(got))
+  # runlocal: 3 layers, ladder of 3, targets (0.3, 0.5), 2 costs x 2 units x 1 band
+  assert got["calibration layer pass"]["calls"] == 3 * (1 + 2)
+  assert got["sparsegpt solve down [64x128]"]["calls"] == 3 * 3 * 7 + 8 * 21 + 2 * 21
+  assert got["selection teacher-forced DTM pass"]["calls"] == 8 + 1  # candidates + F
+  assert got["teacher-forced DTM pass"]["calls"] == 2  # per target
+  proc = run_main(tmp_path / "compare", "configs/prune_compare.py:runlocal", "--dry_run=v5e-4",
+                  f"--config.model={tiny_dir}", "--config.train.batch_size=4")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  got = {f["name"]: f for f in _payload(tmp_path / "compare")["functions"]}
+  assert "fdt-guided: probe chunk magnitude" in got and "compress q x3 magnitude" in got
+  # 2 sparsities x 3 methods, one-shot and trained: held-out passes of every row
+  assert got["teacher-forced DTM pass"]["calls"] == 2 * 3 * 2
+  assert got["calibration layer pass"]["calls"] == 3 * 2 * 2  # wanda, sparsegpt x 2
+  assert got["train step + teacher"]["calls"] == 6 * got["fdt-guided: train step + teacher"]["calls"]
 
 
 def test_refused_fit_names_function_and_bytes(tmp_path):

@@ -10,7 +10,6 @@ the estimated wall time calls x useful FLOPs / (devices x peak x MFU).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time

@@ -18,7 +18,7 @@ import os
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as PS
 
-from dtm import compress, probe
+from dtm import probe
 from dtm.aot import compile as aot_compile
 from dtm.aot import job_plans
 from dtm.aot import plans
@@ -27,7 +27,8 @@ from dtm.aot.targets import Target, parse_target
 from dtm.errors import DtmError
 from dtm.model import abstract_params
 
-JOBS = ("probe", "evaluate", "train", "prune", "quantize", "compare", "lm_eval")
+JOBS = ("probe", "evaluate", "train", "prune", "quantize", "compare", "lm_eval", "allocate",
+        "prune_compare")
 
 
 def _params(cfg, mesh, tensor_parallel: bool, local: bool = False):
@@ -69,6 +70,12 @@ def job_plan(config, target: Target, cfg=None) -> list[aot_compile.Fn]:
     return job_plans.compare_fns(config, cfg, target)
   if job == "lm_eval":
     return job_plans.lm_eval_fns(config, cfg, target)
+  if job == "allocate":
+    from dtm.jobs import allocate
+    allocate.check(config)
+    return job_plans.allocate_fns(config, cfg, target, _params)
+  if job == "prune_compare":
+    return job_plans.prune_compare_fns(config, cfg, target, job_plan)
   from dtm.train import sharding
   tmesh = sharding.make_mesh(int(config.train.mesh.data), int(config.train.mesh.fsdp),
                              devices=target.devices)
@@ -86,9 +93,7 @@ def job_plan(config, target: Target, cfg=None) -> list[aot_compile.Fn]:
   # prune: selection probes every round, recovery training, held-out evaluation
   p = config.prune
   rounds = int(p.max_rounds)
-  # the spec grammar's own reading of 'KINDS@LAYERS' (kind groups, '*', ranges)
-  selector = compress.parse_rule(f"{p.components}:identity").to_string().rsplit(":", 1)[0]
-  kinds, _, layers = selector.partition("@")
+  kinds, layers = job_plans.selector(p.components)
   # the selection probes run on the ('probe', 'model') mesh of select.mesh_model
   # (`ProbeRunner` reshards the round's params to the tensor-parallel layout when model > 1)
   from dtm.jobs import prune as prune_job

@@ -1,4 +1,5 @@
-"""Dry-run plans of the evaluation-side jobs (quantize, compare, lm_eval), from `plans`.
+"""Dry-run plans of the evaluation-side jobs (quantize, compare, lm_eval) and of the
+allocation jobs (allocate, prune_compare), from `plans`.
 
 Each compiles the jitted functions the job calls with the job's placement (`plans.
 loaded_params`: these jobs load F unplaced and run on one device of a remote target)
@@ -13,7 +14,16 @@ and counts calls from the config:
   * lm_eval: per spec its compression and the packed lm-eval forward (`packed_hidden`,
     `packed_scores`) on `batch_size` rows of max_length tokens (unset: 256, multiple-choice
     tasks' rows); how many batches a task needs depends on its documents, which the dry
-    run does not read, so calls are per batch.
+    run does not read, so calls are per batch;
+  * allocate: the selection and held-out references; the statistics pass and the probe
+    chunks of every component x ladder rate (the probe job's chunks on the selection
+    prompts); per candidate (targets x costs x units x bands, an upper bound: shared specs
+    are measured once) its solves on the parallel statistics and a selection DTM pass; per
+    target the sequential apply and the held-out pass;
+  * prune_compare: the FDT-guided rounds (the prune job's plan, to the largest sparsity);
+    per sparsity and row (methods, specs, recipes) its compression and the held-out pass,
+    and with compare.train its training for the rounds' budget (an upper bound: max_rounds
+    x train.steps).
 The compression of a spec (`compress_fns`) is one `apply._compress_layers` per (kind,
 method) group, as `compress.apply_spec` runs it, plus the calibration layer pass and the
 largest solve for calibrated methods (`plans.calibration_fns`).
@@ -162,6 +172,88 @@ def lm_eval_fns(config, cfg, target) -> list[Fn]:
     if spec.to_string() != "none":
       fns += compress_fns(config, cfg, loaded, mesh, spec.to_string(), 1)
   return fns
+
+
+def allocate_fns(config, cfg, target, probe_params) -> list[Fn]:
+  """`jobs.allocate.run` (module docstring); `probe_params(cfg, mesh, tp, local)`: the
+  probe engine's params (`dry_run._params`)."""
+  from dtm import probe
+  a = config.allocate
+  mesh = probe.probe_mesh(target.devices)
+  loaded = plans.loaded_params(cfg, target)
+  kinds, layers = selector(a.components)
+  ladder = tuple(float(r) for r in a.ladder)
+  g = mesh.shape[probe.PROBE_AXIS]
+  per_device = len(ladder) if a.operator == "sparsegpt" else ceil_div(len(ladder), g)
+  cands = len(a.targets) * len(a.costs) * len(a.units) * len(a.bands)
+  sel = lambda fs: [_renamed(f, "selection ") for f in fs]
+  fns = sel(plans.reference_fns(cfg, loaded, mesh, config.select.prompts))
+  fns += plans.reference_fns(cfg, loaded, mesh, config.prompts)
+  fns += plans.probe_fns(config, cfg, probe_params(cfg, mesh, False, target.local), mesh,
+                         target.hbm_bytes, family_method=a.operator, levels=ladder,
+                         kinds=kinds, layers=layers, per_device=per_device,
+                         prompts=config.select.prompts)
+  uniform = f"{a.components}:{a.operator}({ladder[-1]:g})"
+  fns += [f for f in compress_fns(config, cfg, loaded, mesh, uniform, cands)
+          if f.name != "calibration layer pass"]  # candidates: the parallel statistics
+  fns += sel(plans.dtm_fns(cfg, loaded, mesh, config.select.prompts, None, True, cands + 1))
+  fns += compress_fns(config, cfg, loaded, mesh, uniform, len(a.targets))
+  fns += plans.dtm_fns(cfg, loaded, mesh, config.prompts, config.ppl, bool(config.kl),
+                       len(a.targets))
+  return _merged(fns)
+
+
+def prune_compare_fns(config, cfg, target, job_plan) -> list[Fn]:
+  """`jobs.prune_compare.run` (module docstring); `job_plan`: `dry_run.job_plan` (the
+  FDT-guided rounds are the prune job's plan)."""
+  from dtm import probe
+  from dtm.jobs import prune_compare
+  c = config.compare
+  sparsities = prune_compare._check(config)
+  mesh = probe.probe_mesh(target.devices)
+  loaded = plans.loaded_params(cfg, target)
+  fns = []
+  if c.fdt_guided:
+    pc = prune_compare._prune_config(config, sparsities[-1])
+    fns += [_renamed(f, "fdt-guided: ") for f in job_plan(pc, target, cfg)]
+  rows = [spec for s in sparsities for _, spec in prune_compare._one_shot_rows(config, s)]
+  trained = bool(c.fdt_guided and c.train and int(config.train.steps) > 0)
+  ev = config.eval
+  fns += plans.reference_fns(cfg, loaded, mesh, ev.prompts)
+  fns += plans.dtm_fns(cfg, loaded, mesh, ev.prompts, ev.ppl, bool(ev.kl),
+                       len(rows) * (2 if trained else 1))
+  for spec in rows:
+    fns += compress_fns(config, cfg, loaded, mesh, spec, 1)
+  if trained:  # each row for the rounds' budget: at most max_rounds x train.steps
+    for f in plans.train_fns(config, cfg, target, spec=rows[0],
+                             rounds=int(config.prune.max_rounds)):
+      f.note += f"; {len(rows)} rows, each <= max_rounds x steps (upper bound)"
+      fns.append(_times(f, len(rows)))
+  return _merged(fns)
+
+
+def selector(components: str) -> tuple[str, str]:
+  """'KINDS@LAYERS' as the spec grammar reads it (kind groups, '*', ranges)."""
+  selector = compress.parse_rule(f"{components}:identity").to_string().rsplit(":", 1)[0]
+  kinds, _, layers = selector.partition("@")
+  return kinds, layers or "*"
+
+
+def _merged(fns: list[Fn]) -> list[Fn]:
+  """One `Fn` per name and argument shapes (the same jitted function on the same shapes,
+  e.g. the held-out pass of every row), its calls summed, in first-seen order: compiled
+  once. Static arguments (a method's rate) may differ: their cost does not."""
+  import jax
+  out: dict = {}
+  for f in fns:
+    shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(f.args)
+                   if isinstance(x, jax.ShapeDtypeStruct))
+    key = (f.name, shapes)
+    if key in out:
+      out[key].calls += f.calls
+    else:
+      out[key] = f
+  return list(out.values())
 
 
 def _times(f: Fn, n: int) -> Fn:

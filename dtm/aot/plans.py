@@ -9,7 +9,6 @@ S = c + N - 1 fed positions, B batch, T window length.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
