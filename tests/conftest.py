@@ -7,6 +7,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The test extra installs libtpu (dry-run tests compile for TPU topologies): keep JAX on the
 # CPU here, as `dtm.cli` does for jobs on hosts without a TPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Jobs run by the tests (in-process and as subprocesses) keep their persistent compilation
+# cache in a directory of this test process, not the user's ~/.cache/dtm/jax.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("DTM_JAX_CACHE", tempfile.mkdtemp(prefix="dtm-test-jax-"))
 
 from pathlib import Path  # noqa: E402
 
