@@ -45,7 +45,11 @@ def test_a_phase_entered_twice_keeps_the_larger_peak():
   first = peaks.bytes["row"]
   with peaks.phase("row"):
     pass
-  assert peaks.bytes["row"] == first
+  after = memory.peak_rss_bytes()  # >= the second entry's own peak
+  # the larger of the two: never the second's alone when it is smaller. (Not `== first`: in a
+  # test worker of several GB, other threads can move the RSS between the two entries, and
+  # the second entry's peak, the RSS at its start, can then exceed the first by some kB.)
+  assert first <= peaks.bytes["row"] <= max(first, after)
 
 
 def test_without_proc_the_peak_is_an_upper_bound(monkeypatch):
