@@ -25,9 +25,27 @@ WIKITEXT_RAW = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 # The longest files first (measured 2026-12-02): the suite runs under pytest-xdist with
 # `-n 2 --dist loadfile` (one file per worker at a time, so module fixtures are built once),
 # and a long file collected last would leave one worker running alone at the end.
-HEAVY_FIRST = ("test_train_job.py", "test_prune_job.py", "test_reference_pipelines.py",
+HEAVY_FIRST = ("test_isolated.py", "test_train_job.py", "test_prune_job.py", "test_reference_pipelines.py",
                "test_probe.py", "test_evaluate.py", "test_lm_eval.py", "test_train_recovery.py",
                "test_prune_compare.py", "test_quantize_job.py", "test_compare_job.py")
+
+
+# Test files that a full run executes in a fresh interpreter (`tests/test_isolated.py`), not
+# in a worker after other files. Twice in four full runs (2026-12-07: CI, then here) greedy
+# generation of SmolLM2 in one worker, late in the run, returned token 0 at every position
+# (non-finite logits) while the teacher-forced pass on the same params still matched torch:
+# the evaluate module's references and test_train_recovery's. Each file alone, the same file
+# after the suspects in one process, and a run with a fresh-compile canary after every module
+# all passed; the state behind it is not found (the issue notes).
+ISOLATED = ("test_evaluate.py",)
+
+
+def pytest_ignore_collect(collection_path, config):
+  """Leave ISOLATED files to test_isolated.py, unless named on the command line (pytest
+  does not ask this hook about those) or run by it (DTM_TEST_ISOLATED=1)."""
+  if collection_path.name in ISOLATED and os.environ.get("DTM_TEST_ISOLATED") != "1":
+    return True
+  return None
 
 
 def pytest_collection_modifyitems(session, config, items):
