@@ -22,9 +22,10 @@ SHARED = REPO.parent / "shared"
 WIKITEXT_RAW = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
-# The longest files first (measured 2026-12-02): the suite runs under pytest-xdist with
-# `-n 2 --dist loadfile` (one file per worker at a time, so module fixtures are built once),
-# and a long file collected last would leave one worker running alone at the end.
+# The longest files first (measured 2026-12-02). A serial run follows this order. Under
+# `-n 2 --dist loadfile` (one file per worker at a time, so module fixtures are built once)
+# pytest-xdist 3.8 first sorts the files by their number of tests (--loadscope-reorder, its
+# default) and keeps this order only among files with as many tests.
 HEAVY_FIRST = ("test_isolated.py", "test_train_job.py", "test_prune_job.py", "test_reference_pipelines.py",
                "test_probe.py", "test_evaluate.py", "test_lm_eval.py", "test_train_recovery.py",
                "test_prune_compare.py", "test_quantize_job.py", "test_compare_job.py")
