@@ -26,7 +26,8 @@ WIKITEXT_RAW = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 # `-n 2 --dist loadfile` (one file per worker at a time, so module fixtures are built once)
 # pytest-xdist 3.8 first sorts the files by their number of tests (--loadscope-reorder, its
 # default) and keeps this order only among files with as many tests.
-HEAVY_FIRST = ("test_isolated.py", "test_train_job.py", "test_prune_job.py", "test_reference_pipelines.py",
+HEAVY_FIRST = ("test_isolated.py", "test_train_job.py", "test_prune_job.py",
+               "test_reference_pipelines.py",
                "test_probe.py", "test_evaluate.py", "test_lm_eval.py", "test_train_recovery.py",
                "test_prune_compare.py", "test_quantize_job.py", "test_compare_job.py")
 
@@ -38,7 +39,7 @@ HEAVY_FIRST = ("test_isolated.py", "test_train_job.py", "test_prune_job.py", "te
 # the evaluate module's references and test_train_recovery's. Each file alone, the same file
 # after the suspects in one process, and a run with a fresh-compile canary after every module
 # all passed; the state behind it is not found (the issue notes).
-ISOLATED = ("test_evaluate.py",)
+ISOLATED = ("test_evaluate.py", "test_train_recovery.py")
 
 
 def pytest_ignore_collect(collection_path, config):
