@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,8 @@ from dtm.memory import peak_rss_bytes, reset_peak_rss, rss_bytes  # /proc VmRSS,
 
 MB = 2**20
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from bench import children  # noqa: E402
 
 # ~254M params = 1.02 GB float32: 12 layers, untied 32k vocab.
 RANDOM_LLAMA = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096,
@@ -121,13 +122,7 @@ CHILDREN = {"load": child_load, "save_orbax": child_save_orbax, "write_random": 
 
 
 def run_child(kind: str, *args: str) -> dict:
-  env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
-         "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", kind, *args],
-                        cwd=REPO, env=env, capture_output=True, text=True)
-  if proc.returncode != 0:
-    sys.exit(f"child {kind} {args} failed:\n{proc.stderr[-4000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return children.run_child(__file__, kind, *args)
 
 
 # ----------------------------------------------------------------------------- report

@@ -34,6 +34,7 @@ import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)  # configs/ and bench/ (the children import them)
+from bench import children  # noqa: E402
 MB = 2**20
 
 SMALL = (
@@ -135,19 +136,13 @@ def run_job(workdir: str, extra: list[str]) -> tuple[dict, float]:
 
 
 def _child(kind: str, *args: str) -> dict:
-  env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
-         "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", kind, *args],
-                        cwd=_ROOT, env=env, capture_output=True, text=True)
-  if proc.returncode != 0:
-    sys.exit(f"child {kind} failed:\n{proc.stderr[-4000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return children.run_child(__file__, kind, *args)
 
 
 def main(argv: list[str]) -> int:
   if argv[:1] == ["--child"]:
-    children = {"baseline": child_baseline, "train_step": child_train_step}
-    print(json.dumps(children[argv[1]](*argv[2:])))
+    kinds = {"baseline": child_baseline, "train_step": child_train_step}
+    print(json.dumps(kinds[argv[1]](*argv[2:])))
     return 0
   extra = argv[argv.index("--") + 1:] if "--" in argv else []
   ap = argparse.ArgumentParser()
