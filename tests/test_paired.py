@@ -1,0 +1,73 @@
+"""dtm.paired: FDT profiles and the paired bootstrap, on hand-computed cases."""
+import json
+
+import numpy as np
+import pytest
+
+from dtm import paired
+from dtm.errors import DtmError
+
+
+def _per_prompt(fdt, n=4, seed=0):
+  rng = np.random.default_rng(seed)
+  fdt = np.asarray(fdt)
+  return {"fdt": fdt, "sdt": np.clip(1 - fdt / n, 0, 1), "nll": rng.uniform(0, 2, (fdt.size, n))}
+
+
+def test_fdt_profile_hand_computed():
+  p = paired.fdt_profile([0, 0, 2, 32], new_tokens=32)
+  assert p == {"mean": 8.5, "median": 1.0, "first_token": 0.5, "all_tokens": 0.25,
+               "tail_share": 32 / 34}
+  assert paired.fdt_profile([0, 0], 4)["tail_share"] == 0.0
+
+
+def test_bootstrap_identical_models_and_a_constant_shift():
+  a = _per_prompt([0, 1, 3, 4])
+  same = paired.paired_bootstrap(a, a, "fdt_mean", resamples=200)
+  assert same["diff"] == same["lo"] == same["hi"] == 0.0 and same["p_le_0"] == 1.0
+  b = {**a, "fdt": a["fdt"] + 2}  # every prompt 2 tokens later: no noise in the difference
+  shift = paired.paired_bootstrap(a, b, "fdt_mean", resamples=200)
+  assert shift["diff"] == 2.0 and shift["lo"] == pytest.approx(2.0) and shift["hi"] == pytest.approx(2.0)
+  assert shift["p_le_0"] == 0.0
+  # DPPL of a model whose every NLL is 0.1 nats higher: exp(mean + 0.1) - exp(mean)
+  c = {**a, "nll": a["nll"] + 0.1}
+  d = paired.paired_bootstrap(a, c, "dppl", resamples=200)
+  assert d["diff"] == pytest.approx(np.exp(a["nll"].mean()) * (np.exp(0.1) - 1))
+  assert d["lo"] > 0
+
+
+def test_bootstrap_interval_covers_a_noisy_difference():
+  rng = np.random.default_rng(1)
+  a = _per_prompt(rng.integers(0, 5, 64), n=4)
+  b = _per_prompt(rng.integers(0, 5, 64), n=4, seed=2)
+  r = paired.paired_bootstrap(a, b, "fdt_mean", resamples=2000)
+  assert r["lo"] < r["diff"] < r["hi"]
+  assert 0.0 < r["p_le_0"] < 1.0
+
+
+def _write(path, per, settings):
+  path.write_text(json.dumps({"settings": settings, "per_prompt": {
+      "fdt": per["fdt"].tolist(), "sdt": per["sdt"].tolist(), "nll": per["nll"].tolist()}}))
+  return str(path)
+
+
+def test_compare_files_and_cli(tmp_path, capsys):
+  s = {"prompt_source": "text", "num_prompts": 4, "prompt_length": 8, "new_tokens": 4,
+       "bos_id": None, "prompt_seed": 1}
+  a = _write(tmp_path / "a.json", _per_prompt([0, 1, 3, 4]), s)
+  b = _write(tmp_path / "b.json", _per_prompt([1, 2, 4, 4]), s)
+  r = paired.compare(a, b, resamples=100)
+  assert r["bootstrap"]["fdt_mean"]["diff"] == 0.75
+  assert r["profile"]["a"]["all_tokens"] == 0.25 and r["profile"]["b"]["all_tokens"] == 0.5
+  assert paired.main([a, b, "--resamples", "100", "--json", str(tmp_path / "r.json")]) == 0
+  out = capsys.readouterr().out
+  assert "fdt_mean" in out and "dppl" in out
+  assert json.loads((tmp_path / "r.json").read_text())["prompts"] == 4
+  other = _write(tmp_path / "c.json", _per_prompt([1, 2, 4, 4]), {**s, "prompt_seed": 2})
+  with pytest.raises(DtmError, match="different prompts"):
+    paired.compare(a, other)
+  assert paired.main([a, str(tmp_path / "missing.json")]) == 2
+  assert "no results file" in capsys.readouterr().err
+  (tmp_path / "bad.json").write_text("{}")
+  assert paired.main([a, str(tmp_path / "bad.json")]) == 2
+  assert "per-prompt" in capsys.readouterr().err
