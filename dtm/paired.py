@@ -27,6 +27,8 @@ from dtm.errors import DtmError
 # Statistic name -> function of per-prompt arrays (fdt [P], sdt [P], nll [P, N]).
 STATISTICS: dict[str, Callable[[Mapping[str, np.ndarray]], float]] = {
     "fdt_mean": lambda d: float(np.mean(d["fdt"])),
+    # the share of prompts whose first generated token agrees (FDT >= 1): S(1)
+    "fdt_ge_1": lambda d: float(np.mean(np.asarray(d["fdt"]) >= 1)),
     "sdt_mean": lambda d: float(np.mean(d["sdt"])),
     "dppl": lambda d: float(np.exp(np.mean(d["nll"]))),
 }

@@ -58,6 +58,7 @@ def test_compare_files_and_cli(tmp_path, capsys):
   b = _write(tmp_path / "b.json", _per_prompt([1, 2, 4, 4]), s)
   r = paired.compare(a, b, resamples=100)
   assert r["bootstrap"]["fdt_mean"]["diff"] == 0.75
+  assert r["bootstrap"]["fdt_ge_1"]["a"] == 0.75 and r["bootstrap"]["fdt_ge_1"]["b"] == 1.0
   assert r["profile"]["a"]["all_tokens"] == 0.25 and r["profile"]["b"]["all_tokens"] == 0.5
   assert paired.main([a, b, "--resamples", "100", "--json", str(tmp_path / "r.json")]) == 0
   out = capsys.readouterr().out

@@ -63,8 +63,9 @@ def run(config, workdir: str) -> dict:
 
 def _summary(model, ev, y, agg, ppl, spec, config) -> str:
   n = y.shape[1]
+  # the spec on its own line: a recipe (one rule per component group) is far wider than a
+  # table column
   rows = [("metric", "value", ""),
-          ("compression", spec.to_string() or "none", ""),
           ("prompts x c, N", f"{ev.prompts.shape[0]} x {ev.prompts.shape[1]}", str(n))]
   for a in config.alphas:
     rows.append((f"FDT_{a:g}", f"{agg[f'fdt_alpha_{a:g}']:.0f}", f"of {n}"))
@@ -76,7 +77,7 @@ def _summary(model, ev, y, agg, ppl, spec, config) -> str:
              ("top-1 agreement", f"{agg['top1_agree']:.4f}", "")]
   for name, p in ppl.items():
     rows.append((f"PPL {name} (ctx {config.ppl.ctx})", f"{p['ppl']:.4f}", f"{p['tokens']} tok"))
-  text = _table(rows)
+  text = f"compression: {spec.to_string() or 'none'}\n" + _table(rows)
   if model.tokenizer is not None:
     prompt = model.tokenizer.decode(ev.prompts[0], skip_special_tokens=True)
     cont = model.tokenizer.decode(y[0], skip_special_tokens=True)
