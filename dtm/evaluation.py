@@ -12,7 +12,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dtm import metrics
-from dtm.generate import bucket, greedy_generate
+from dtm.errors import DtmError
+from dtm.generate import NON_FINITE, bucket, greedy_generate
 from dtm.model import Llama, head_matrix
 from dtm.model_config import ModelConfig
 
@@ -93,7 +94,19 @@ def generate_references(cfg: ModelConfig, params, prompts_PC, num_new: int,
     chunk = prompts_PC[sl]
     y = greedy_generate(cfg, params, jnp.asarray(_pad_rows(chunk, batch_size)), num_new)
     out.append(np.asarray(y)[: len(chunk)])
-  return np.concatenate(out).astype(np.int32)
+  return check_finite_tokens(np.concatenate(out).astype(np.int32), desc)
+
+
+def check_finite_tokens(y_PN: np.ndarray, desc: str = "references") -> np.ndarray:
+  """y_PN (greedy tokens int32 [P, N]) unchanged, or DtmError naming the prompts whose
+  decoding met non-finite logits (`generate.NON_FINITE`): a NaN's argmax would otherwise
+  pass as token 0 and every metric against those references would be wrong."""
+  bad = np.flatnonzero(np.any(y_PN == NON_FINITE, axis=1))
+  if bad.size:
+    raise DtmError(f"{desc}: greedy decoding met non-finite logits (NaN/inf) for {bad.size} "
+                   f"of {len(y_PN)} prompts (rows {bad[:8].tolist()}"
+                   f"{' ...' if bad.size > 8 else ''}); nothing was written for them")
+  return y_PN
 
 
 def ragged_references(cfg: ModelConfig, params, prompts, num_new: int, batch_size: int,
@@ -117,7 +130,7 @@ def ragged_references(cfg: ModelConfig, params, prompts, num_new: int, batch_siz
     y = greedy_generate(cfg, params, jnp.asarray(_pad_rows(tokens, batch_size)), num_new,
                         jnp.asarray(_pad_rows(lengths, batch_size)))
     out[rows] = np.asarray(y)[: len(rows)]
-  return out
+  return check_finite_tokens(out, desc)
 
 
 def base_reference(cfg, params, seq_PS: np.ndarray, c: int, batch_size: int):

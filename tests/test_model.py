@@ -134,3 +134,24 @@ def test_bfloat16_params_run():
   assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
   logits = Llama(cfg).apply({"params": params}, jnp.zeros((1, 5), jnp.int32))
   assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_non_finite_logits_are_an_error_not_token_0():
+  """A NaN's argmax is token 0, a valid id: greedy decoding marks such rows NON_FINITE and
+  the references refuse them (one-length and ragged paths), naming the prompts."""
+  from dtm import evaluation
+  from dtm.errors import DtmError
+  from dtm.generate import NON_FINITE
+  cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+  params = init_params(cfg, seed=3)
+  emb = params["embed"]["embedding"]
+  params = {**params, "embed": {"embedding": emb.at[5].set(jnp.nan)}}  # token 5 poisons a row
+  prompts = np.array([[1, 2, 3, 4], [6, 5, 7, 8], [9, 10, 11, 12]], np.int32)
+  y = np.asarray(greedy_generate(cfg, params, jnp.asarray(prompts), 6))
+  assert np.all(y[1] == NON_FINITE) and not np.any(y[[0, 2]] == NON_FINITE)
+  with pytest.raises(DtmError, match=r"non-finite logits .* 1 of 3 prompts \(rows \[1\]"):
+    evaluation.generate_references(cfg, params, prompts, 6, batch_size=4)
+  with pytest.raises(DtmError, match=r"1 of 3 prompts"):
+    evaluation.generate_references(cfg, params, [prompts[0], prompts[1, :3], prompts[2]], 6,
+                                   batch_size=4)
