@@ -7,6 +7,13 @@ noise (a paired bootstrap over prompts: both models are scored on the same resam
 prompts, so the prompt-to-prompt spread common to both cancels).
 
   python -m dtm.paired runs/eval-a/results.json runs/eval-b/results.json [--resamples 10000]
+      [--copy-threshold 0.5]
+
+--copy-threshold splits the prompts by how F continues them: a prompt is a *copy* prompt
+when an induction rule (the next token is the one that followed the previous token's most
+recent earlier occurrence) predicts at least that share of F's first 8 continuation tokens
+(repetition loops, lists, names repeated from the prompt). The split needs the evaluate
+job's prompts.jsonl and references.jsonl beside A's results.json.
 
 Mean FDT is heavy-tailed when most prompts diverge early: at 50 % sparsity on SmolLM2 the
 median FDT is 1 of 32 and a single prompt that survives all 32 tokens moves a 128-prompt
@@ -53,6 +60,51 @@ def fdt_profile(fdt: Sequence[int], new_tokens: int) -> dict[str, float]:
           "tail_share": float(np.sum(f[f >= 8]) / total) if total > 0 else 0.0}
 
 
+def induction_share(prompt: Sequence[int], continuation: Sequence[int], n: int = 8) -> float:
+  """Share of the first n continuation tokens an induction rule predicts.
+
+  The rule predicts token t as the token that followed the most recent earlier occurrence
+  of token t-1 in the context (prompt, then the continuation so far); no earlier
+  occurrence predicts nothing. 1.0: the continuation copies (a loop, or text repeated from
+  the prompt); about 0 for fresh text.
+
+  Args:
+    prompt: int [C] token ids; continuation: int [N] token ids (F's greedy continuation);
+    n: how many continuation tokens are scored (min(n, N)).
+  """
+  ctx = [int(t) for t in prompt]
+  cont = [int(t) for t in continuation][:n]
+  if not ctx or not cont:
+    raise DtmError("induction_share needs a non-empty prompt and continuation")
+  last = {}  # token -> index of its most recent occurrence before the context's last token
+  for i, t in enumerate(ctx[:-1]):
+    last[t] = i
+  hits = 0
+  for t in cont:
+    j = last.get(ctx[-1])
+    hits += j is not None and ctx[j + 1] == t
+    last[ctx[-1]] = len(ctx) - 1
+    ctx.append(t)
+  return hits / len(cont)
+
+
+def copy_prompts(results_path: str, threshold: float, n: int = 8) -> np.ndarray:
+  """bool [P]: the prompts whose F continuation is copied (induction_share >= threshold),
+  from the prompts.jsonl and references.jsonl beside an evaluate job's results.json."""
+  import os
+  from dtm import data
+  d = os.path.dirname(os.path.abspath(results_path))
+  files = [os.path.join(d, f) for f in ("prompts.jsonl", "references.jsonl")]
+  for f in files:
+    if not os.path.exists(f):
+      raise DtmError(f"--copy-threshold needs {f} (the evaluate job writes it beside "
+                     "results.json)")
+  prompts, refs = (data.read_prompt_jsonl(f) for f in files)
+  if len(prompts) != len(refs):
+    raise DtmError(f"{files[0]} has {len(prompts)} prompts, {files[1]} {len(refs)} references")
+  return np.array([induction_share(p, r, n) >= threshold for p, r in zip(prompts, refs)])
+
+
 def paired_bootstrap(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], statistic: str,
                      resamples: int = 10_000, seed: int = 0) -> dict[str, float]:
   """stat(B) - stat(A) and its 95 % percentile interval over prompts resampled with
@@ -97,8 +149,10 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict]:
            "nll": np.asarray(pp["nll"], np.float64)}, r.get("settings", {}))
 
 
-def compare(path_a: str, path_b: str, resamples: int = 10_000, seed: int = 0) -> dict:
-  """Both files' FDT profiles and the paired bootstrap of every statistic (B - A)."""
+def compare(path_a: str, path_b: str, resamples: int = 10_000, seed: int = 0,
+            copy_threshold: float | None = None) -> dict:
+  """Both files' FDT profiles and the paired bootstrap of every statistic (B - A); with
+  copy_threshold, also mean FDT and DPPL of the copy prompts and the rest ('strata')."""
   a, set_a = load(path_a)
   b, set_b = load(path_b)
   if a["nll"].shape != b["nll"].shape:
@@ -111,10 +165,28 @@ def compare(path_a: str, path_b: str, resamples: int = 10_000, seed: int = 0) ->
     raise DtmError(f"{path_a} and {path_b} were evaluated on different prompts "
                    f"({pa} against {pb})")
   n = a["nll"].shape[1]
-  return {"a": path_a, "b": path_b, "prompts": int(a["nll"].shape[0]), "new_tokens": int(n),
-          "profile": {"a": fdt_profile(a["fdt"], n), "b": fdt_profile(b["fdt"], n)},
-          "bootstrap": {s: paired_bootstrap(a, b, s, resamples, seed) for s in STATISTICS},
-          "resamples": resamples}
+  out = {"a": path_a, "b": path_b, "prompts": int(a["nll"].shape[0]), "new_tokens": int(n),
+         "profile": {"a": fdt_profile(a["fdt"], n), "b": fdt_profile(b["fdt"], n)},
+         "bootstrap": {s: paired_bootstrap(a, b, s, resamples, seed) for s in STATISTICS},
+         "resamples": resamples}
+  if copy_threshold is not None:
+    mask = copy_prompts(path_a, copy_threshold)
+    if mask.size != a["fdt"].size:
+      raise DtmError(f"prompts.jsonl beside {path_a} has {mask.size} prompts, its results "
+                     f"{a['fdt'].size}")
+    out["copy_threshold"] = copy_threshold
+    out["strata"] = {name: _stratum(a, b, m) for name, m in (("copy", mask), ("rest", ~mask))}
+  return out
+
+
+def _stratum(a, b, mask) -> dict:
+  pick = lambda d: {k: np.asarray(v)[mask] for k, v in d.items()}  # noqa: E731
+  sa, sb = pick(a), pick(b)
+  r = {"prompts": int(mask.sum())}
+  if mask.any():
+    for s in ("fdt_mean", "dppl"):
+      r[s] = {"a": STATISTICS[s](sa), "b": STATISTICS[s](sb)}
+  return r
 
 
 def format_report(r: dict) -> str:
@@ -132,6 +204,17 @@ def format_report(r: dict) -> str:
     lines.append(f"{s:<14}{v['a']:>9.3f}{v['b']:>9.3f}{v['diff']:>9.3f}"
                  f"{'[' + format(v['lo'], '.3f') + ', ' + format(v['hi'], '.3f') + ']':>22}"
                  f"{v['p_le_0']:>11.3f}")
+  if "strata" in r:
+    lines += ["", f"copy prompts: induction share of F's first 8 tokens >= {r['copy_threshold']}",
+              f"{'prompts':<14}{'count':>7}{'FDT A':>9}{'FDT B':>9}{'B - A':>9}{'DPPL A':>9}"
+              f"{'DPPL B':>9}"]
+    for name, v in r["strata"].items():
+      if v["prompts"] == 0:
+        lines.append(f"{name:<14}{0:>7}")
+        continue
+      f, d = v["fdt_mean"], v["dppl"]
+      lines.append(f"{name:<14}{v['prompts']:>7}{f['a']:>9.3f}{f['b']:>9.3f}"
+                   f"{f['b'] - f['a']:>9.3f}{d['a']:>9.3f}{d['b']:>9.3f}")
   return "\n".join(lines)
 
 
@@ -141,12 +224,17 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("b", help="results.json of model B, same prompts and references")
   ap.add_argument("--resamples", type=int, default=10_000)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--copy-threshold", type=float, default=None,
+                  help="also split the prompts into copy prompts (induction share of F's "
+                       "first 8 tokens >= this) and the rest")
   ap.add_argument("--json", default="", help="also write the comparison to this file")
   args = ap.parse_args(argv)
   try:
     if args.resamples < 1:
       raise DtmError(f"--resamples must be >= 1, got {args.resamples}")
-    r = compare(args.a, args.b, args.resamples, args.seed)
+    if args.copy_threshold is not None and not 0 < args.copy_threshold <= 1:
+      raise DtmError(f"--copy-threshold must be in (0, 1], got {args.copy_threshold}")
+    r = compare(args.a, args.b, args.resamples, args.seed, args.copy_threshold)
   except DtmError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -72,3 +72,41 @@ def test_compare_files_and_cli(tmp_path, capsys):
   (tmp_path / "bad.json").write_text("{}")
   assert paired.main([a, str(tmp_path / "bad.json")]) == 2
   assert "per-prompt" in capsys.readouterr().err
+
+
+def test_induction_share_hand_computed():
+  # prompt "a b c a": the rule predicts b (what followed the earlier a), then c, then a
+  assert paired.induction_share([1, 2, 3, 1], [2, 3, 1, 2], n=4) == 1.0
+  # b (hit), 9 (miss: 3 followed b), 1 (nothing followed 9), 2 (hit: b followed the last a)
+  assert paired.induction_share([1, 2, 3, 1], [2, 9, 1, 2], n=4) == 0.5
+  assert paired.induction_share([1, 2, 3, 4], [5, 6, 7, 8], n=4) == 0.0  # nothing repeats
+  # a loop the continuation itself starts: x y x y ... (the rule sees its own earlier tokens)
+  assert paired.induction_share([7, 8, 9], [5, 6, 5, 6, 5], n=5) == 0.4  # the last two
+  # only the first n tokens count
+  assert paired.induction_share([1, 2, 3, 1], [2, 3, 9, 9], n=2) == 1.0
+  with pytest.raises(DtmError, match="non-empty"):
+    paired.induction_share([], [1])
+
+
+def test_copy_strata_from_the_evaluate_jobs_files(tmp_path, capsys):
+  s = {"prompt_source": "text", "num_prompts": 3, "prompt_length": 4, "new_tokens": 4,
+       "bos_id": None, "prompt_seed": 1}
+  (tmp_path / "a").mkdir()
+  a = _write(tmp_path / "a" / "results.json", _per_prompt([4, 0, 1]), s)
+  b = _write(tmp_path / "b.json", _per_prompt([1, 2, 3]), s)
+  with pytest.raises(DtmError, match="prompts.jsonl"):
+    paired.compare(a, b, resamples=10, copy_threshold=0.5)
+  from dtm import data
+  data.write_prompt_jsonl(tmp_path / "a" / "prompts.jsonl",
+                          np.array([[1, 2, 3, 1], [1, 2, 3, 4], [5, 6, 5, 6]]))
+  data.write_prompt_jsonl(tmp_path / "a" / "references.jsonl",
+                          np.array([[2, 3, 1, 2], [5, 6, 7, 8], [5, 9, 8, 7]]))
+  r = paired.compare(a, b, resamples=10, copy_threshold=0.5)
+  # prompt 0 copies (share 1.0); prompt 1 does not (0.0); prompt 2: 5 then 9 -> 0.25
+  assert r["strata"]["copy"]["prompts"] == 1 and r["strata"]["rest"]["prompts"] == 2
+  assert r["strata"]["copy"]["fdt_mean"] == {"a": 4.0, "b": 1.0}
+  assert r["strata"]["rest"]["fdt_mean"] == {"a": 0.5, "b": 2.5}
+  assert paired.main([a, b, "--resamples", "10", "--copy-threshold", "0.5"]) == 0
+  assert "copy" in capsys.readouterr().out
+  assert paired.main([a, b, "--copy-threshold", "0"]) == 2
+  assert "--copy-threshold" in capsys.readouterr().err
