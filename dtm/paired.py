@@ -8,6 +8,8 @@ prompts, so the prompt-to-prompt spread common to both cancels).
 
   python -m dtm.paired runs/eval-a/results.json runs/eval-b/results.json [--resamples 10000]
       [--copy-threshold 0.5]
+  python -m dtm.paired eval-s1-a/results.json,eval-s2-a/results.json \
+      eval-s1-b/results.json,eval-s2-b/results.json      (two held-out sets, pooled)
 
 --copy-threshold splits the prompts by how F continues them: a prompt is a *copy* prompt
 when an induction rule (the next token is the one that followed the previous token's most
@@ -149,10 +151,7 @@ def load(path: str) -> tuple[dict[str, np.ndarray], dict]:
            "nll": np.asarray(pp["nll"], np.float64)}, r.get("settings", {}))
 
 
-def compare(path_a: str, path_b: str, resamples: int = 10_000, seed: int = 0,
-            copy_threshold: float | None = None) -> dict:
-  """Both files' FDT profiles and the paired bootstrap of every statistic (B - A); with
-  copy_threshold, also mean FDT and DPPL of the copy prompts and the rest ('strata')."""
+def _load_pair(path_a: str, path_b: str):
   a, set_a = load(path_a)
   b, set_b = load(path_b)
   if a["nll"].shape != b["nll"].shape:
@@ -164,16 +163,53 @@ def compare(path_a: str, path_b: str, resamples: int = 10_000, seed: int = 0,
   if pa != pb:
     raise DtmError(f"{path_a} and {path_b} were evaluated on different prompts "
                    f"({pa} against {pb})")
+  return a, b, pa
+
+
+def _paths(p: str | Sequence[str]) -> list[str]:
+  return [x for x in p.split(",") if x] if isinstance(p, str) else list(p)
+
+
+def compare(path_a: str | Sequence[str], path_b: str | Sequence[str], resamples: int = 10_000,
+            seed: int = 0, copy_threshold: float | None = None) -> dict:
+  """Both models' FDT profiles and the paired bootstrap of every statistic (B - A); with
+  copy_threshold, also mean FDT and DPPL of the copy prompts and the rest ('strata').
+
+  path_a / path_b: one results.json each, or equally long lists (or comma-separated
+  strings) of results of several held-out sets, pooled: the i-th files of A and B must
+  score the same prompts, and no prompt set may appear twice.
+  """
+  paths_a, paths_b = _paths(path_a), _paths(path_b)
+  if not paths_a or len(paths_a) != len(paths_b):
+    raise DtmError(f"A and B need the same number of results files (one per held-out set), "
+                   f"got {len(paths_a)} and {len(paths_b)}")
+  pairs = [_load_pair(pa, pb) for pa, pb in zip(paths_a, paths_b)]
+  seen = []
+  for (_, _, settings), pa in zip(pairs, paths_a):
+    if settings in seen:
+      raise DtmError(f"{pa} scores the same prompts as an earlier file; pooling it would "
+                     "count them twice")
+    seen.append(settings)
+  widths = {p[0]["nll"].shape[1] for p in pairs}
+  if len(widths) > 1:
+    raise DtmError(f"the pooled sets have different continuation lengths {sorted(widths)}")
+  a = {k: np.concatenate([p[0][k] for p in pairs]) for k in pairs[0][0]}
+  b = {k: np.concatenate([p[1][k] for p in pairs]) for k in pairs[0][1]}
   n = a["nll"].shape[1]
-  out = {"a": path_a, "b": path_b, "prompts": int(a["nll"].shape[0]), "new_tokens": int(n),
+  out = {"a": ",".join(paths_a), "b": ",".join(paths_b), "prompts": int(a["nll"].shape[0]),
+         "new_tokens": int(n),
          "profile": {"a": fdt_profile(a["fdt"], n), "b": fdt_profile(b["fdt"], n)},
          "bootstrap": {s: paired_bootstrap(a, b, s, resamples, seed) for s in STATISTICS},
          "resamples": resamples}
   if copy_threshold is not None:
-    mask = copy_prompts(path_a, copy_threshold)
-    if mask.size != a["fdt"].size:
-      raise DtmError(f"prompts.jsonl beside {path_a} has {mask.size} prompts, its results "
-                     f"{a['fdt'].size}")
+    masks = []
+    for pa, (pair_a, _, _) in zip(paths_a, pairs):
+      m = copy_prompts(pa, copy_threshold)
+      if m.size != pair_a["fdt"].size:
+        raise DtmError(f"prompts.jsonl beside {pa} has {m.size} prompts, its results "
+                       f"{pair_a['fdt'].size}")
+      masks.append(m)
+    mask = np.concatenate(masks)
     out["copy_threshold"] = copy_threshold
     out["strata"] = {name: _stratum(a, b, m) for name, m in (("copy", mask), ("rest", ~mask))}
   return out
@@ -220,8 +256,10 @@ def format_report(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m dtm.paired", description=__doc__.split("\n")[0])
-  ap.add_argument("a", help="results.json of model A (an evaluate job)")
-  ap.add_argument("b", help="results.json of model B, same prompts and references")
+  ap.add_argument("a", help="results.json of model A (an evaluate job); several held-out "
+                              "sets pooled: comma-separated")
+  ap.add_argument("b", help="results.json of model B, same prompts and references (the same "
+                              "number of files, in the same order)")
   ap.add_argument("--resamples", type=int, default=10_000)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--copy-threshold", type=float, default=None,

@@ -110,3 +110,26 @@ def test_copy_strata_from_the_evaluate_jobs_files(tmp_path, capsys):
   assert "copy" in capsys.readouterr().out
   assert paired.main([a, b, "--copy-threshold", "0"]) == 2
   assert "--copy-threshold" in capsys.readouterr().err
+
+
+def test_pooling_held_out_sets(tmp_path, capsys):
+  s1 = {"prompt_source": "text", "num_prompts": 2, "prompt_length": 8, "new_tokens": 4,
+        "bos_id": None, "prompt_seed": 1}
+  s2 = {**s1, "prompt_seed": 2}
+  a1 = _write(tmp_path / "a1.json", _per_prompt([0, 4]), s1)
+  b1 = _write(tmp_path / "b1.json", _per_prompt([1, 4]), s1)
+  a2 = _write(tmp_path / "a2.json", _per_prompt([2, 2], seed=3), s2)
+  b2 = _write(tmp_path / "b2.json", _per_prompt([2, 3], seed=4), s2)
+  r = paired.compare(f"{a1},{a2}", [b1, b2], resamples=50)
+  assert r["prompts"] == 4
+  assert r["bootstrap"]["fdt_mean"]["a"] == 2.0 and r["bootstrap"]["fdt_mean"]["b"] == 2.5
+  assert paired.main([f"{a1},{a2}", f"{b1},{b2}", "--resamples", "20"]) == 0
+  capsys.readouterr()
+  with pytest.raises(DtmError, match="same number"):
+    paired.compare(f"{a1},{a2}", b1)
+  with pytest.raises(DtmError, match="twice"):
+    paired.compare(f"{a1},{a1}", f"{b1},{b1}")
+  with pytest.raises(DtmError, match="different prompts"):
+    paired.compare(f"{a1},{a2}", f"{b2},{b1}")
+  assert paired.main([f"{a1},{a2}", b1]) == 2
+  assert "same number" in capsys.readouterr().err
