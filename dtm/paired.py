@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from dtm import data
 from dtm.errors import DtmError
 
 # Statistic name -> function of per-prompt arrays (fdt [P], sdt [P], nll [P, N]).
@@ -93,8 +95,6 @@ def induction_share(prompt: Sequence[int], continuation: Sequence[int], n: int =
 def copy_prompts(results_path: str, threshold: float, n: int = 8) -> np.ndarray:
   """bool [P]: the prompts whose F continuation is copied (induction_share >= threshold),
   from the prompts.jsonl and references.jsonl beside an evaluate job's results.json."""
-  import os
-  from dtm import data
   d = os.path.dirname(os.path.abspath(results_path))
   files = [os.path.join(d, f) for f in ("prompts.jsonl", "references.jsonl")]
   for f in files:
